@@ -1,0 +1,129 @@
+"""DDP process group: `in_torchddp` runs a function on N workers that already form one `torch.distributed` group.
+
+Rendezvous goes through a file store in a private temp folder (no port to collide on, nothing listening on
+the network), and gloo/NCCL sockets are pinned to loopback for single-host runs. The caller never touches
+CUDA: GPUs are counted through NVML, and each worker selects its own device before creating its context.
+"""
+from __future__ import annotations
+import os, shutil, sys, tempfile
+from contextlib import contextmanager
+from typing import Any, Callable, Sequence
+from .launch import launch
+
+__all__ = ['in_torchddp', 'TorchDDPCtx', 'rank_world', 'local_rank', 'local_device', 'is_rank0', 'visible_gpu_count']
+
+BACKENDS = ('gloo', 'nccl')
+
+def visible_gpu_count() -> int:
+    "GPUs this process could use, counted without creating a CUDA context here (NVML), so forked workers stay safe."
+    import torch
+    if not torch.backends.cuda.is_built(): return 0
+    if torch.cuda.is_initialized(): return torch.cuda.device_count()
+    try: n = torch.cuda._device_count_nvml()
+    except Exception: n = -1
+    if n < 0: return 0
+    vis = os.environ.get('CUDA_VISIBLE_DEVICES')
+    if vis is not None: n = min(n, len([v for v in vis.split(',') if v.strip() and not v.strip().startswith('-')]))
+    return n
+
+def rank_world() -> tuple[int, int]:
+    "This process's (rank, world size): from the process group if one is up, else from the environment, else (0, 1)."
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+
+def local_rank() -> int: return int(os.environ.get('LOCAL_RANK', 0))
+def is_rank0() -> bool: return rank_world()[0] == 0
+
+def local_device():
+    "The device this rank computes on: the GPU `in_torchddp`/torchrun assigned it, else the CPU."
+    import torch
+    dev = os.environ.get('MPIFY_DEVICE')
+    if dev is None: dev = str(local_rank()) if torch.cuda.is_available() else 'cpu'
+    return torch.device('cpu') if dev == 'cpu' else torch.device('cuda', int(dev))
+
+class TorchDDPCtx:
+    """Context manager that makes this process a member of a `torch.distributed` group and tears it down.
+    Reads RANK / WORLD_SIZE (and `in_torchddp`'s MPIFY_* settings, or torchrun's MASTER_ADDR/PORT) from the environment."""
+    def __init__(self, backend: str | None = None, init_method: str | None = None, timeout_s: float | None = None):
+        self.backend = backend or os.environ.get('MPIFY_BACKEND')
+        self.init_method = init_method or os.environ.get('MPIFY_INIT_METHOD', 'env://')
+        self.timeout_s,self.owns = timeout_s,False
+
+    def __enter__(self):
+        import torch, torch.distributed as dist
+        if dist.is_initialized(): return self
+        dev = local_device()
+        if dev.type == 'cuda': torch.cuda.set_device(dev)
+        backend = self.backend or ('nccl' if dev.type == 'cuda' else 'gloo')
+        threads = os.environ.get('MPIFY_THREADS')
+        if threads and 'OMP_NUM_THREADS' not in os.environ.get('MPIFY_USER_ENV', ''): torch.set_num_threads(int(threads))
+        kw = {} if self.timeout_s is None else {'timeout': __import__('datetime').timedelta(seconds=self.timeout_s)}
+        rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        dist.init_process_group(backend, init_method=self.init_method, rank=rank, world_size=world, **kw)
+        self.owns = True
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+        if self.owns and dist.is_initialized(): dist.destroy_process_group()
+        self.owns = False
+        return False
+
+def _run_in_group(fn: Callable, *args, **kwargs) -> Any:
+    "Worker side of `in_torchddp`: join the group, run `fn`, leave the group whatever happens."
+    with TorchDDPCtx(): return fn(*args, **kwargs)
+
+def _plan_devices(nprocs: int, backend: str | None, devices: Sequence[int] | None) -> tuple[str, list[str]]:
+    "Choose the backend and each rank's device before anything starts; raise on what cannot work."
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    ngpu = visible_gpu_count()
+    if devices is not None:
+        devices = list(devices)
+        if len(devices) != nprocs:
+            raise ValueError(f"devices lists {len(devices)} GPU id(s) for nprocs={nprocs}: give one per rank")
+        bad = [d for d in devices if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < ngpu]
+        if bad: raise ValueError(f"devices {bad} are not among the {ngpu} visible GPU(s)")
+    if backend == 'nccl' or (backend is None and ngpu):
+        if ngpu == 0: raise RuntimeError("backend='nccl' needs CUDA GPUs, and this machine has none visible; use backend='gloo'")
+        devs = devices if devices is not None else list(range(nprocs))
+        if devices is None and nprocs > ngpu:
+            if backend == 'nccl':
+                raise ValueError(f"backend='nccl' needs one GPU per rank: nprocs={nprocs} but {ngpu} GPU(s) are visible")
+            return 'gloo', [str(r % ngpu) for r in range(nprocs)]
+        if len(set(devs)) < len(devs):
+            if backend == 'nccl': raise ValueError(f"backend='nccl' needs a distinct GPU per rank, got devices={devs}")
+            return 'gloo', [str(d) for d in devs]
+        return 'nccl', [str(d) for d in devs]
+    return 'gloo', ([str(d) for d in devices] if devices is not None else ['cpu'] * nprocs)
+
+def ddp_env(nprocs: int, backend: str, devices: list[str], store_dir: str) -> Callable[[int], dict]:
+    "Per-rank environment for a single-host group: file-store rendezvous, loopback-only sockets, a fair thread share."
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    common = {'MPIFY_BACKEND': backend, 'MPIFY_INIT_METHOD': f"file://{os.path.join(store_dir, 'store')}",
+              'MASTER_ADDR': '127.0.0.1', 'MPIFY_THREADS': str(max(1, cores // nprocs)),
+              'MPIFY_USER_ENV': ' '.join(k for k in ('OMP_NUM_THREADS',) if k in os.environ)}
+    if sys.platform.startswith('linux'): common.update(GLOO_SOCKET_IFNAME='lo', NCCL_SOCKET_IFNAME='lo')
+    if 'OMP_NUM_THREADS' not in os.environ: common['OMP_NUM_THREADS'] = common['MPIFY_THREADS']
+    return lambda r: {**common, 'MPIFY_DEVICE': devices[r]}
+
+@contextmanager
+def group_plan(nprocs: int, backend: str | None = None, devices: Sequence[int] | None = None):
+    "Check backend/devices and make a private store folder; yields the per-rank env function; removes the folder after."
+    backend, devs = _plan_devices(nprocs, backend, devices)
+    store_dir = tempfile.mkdtemp(prefix='mpify-store-')
+    try: yield ddp_env(nprocs, backend, devs, store_dir)
+    finally: shutil.rmtree(store_dir, ignore_errors=True)
+
+def in_torchddp(nprocs: int, fn: Callable, *args, backend: str | None = None, devices: Sequence[int] | None = None,
+                gather='all', need: str = '', imports: str = '', start_method: str = 'spawn',
+                timeout: float | None = None, output: str = 'rank0', **kwargs) -> Any:
+    """Like `ranch`, but every worker is a member of one `torch.distributed` process group while `fn` runs:
+    NCCL with one GPU per rank where GPUs are visible, gloo otherwise (`backend=` overrides); `devices` picks GPU ids."""
+    from .launch import _check_nprocs
+    nprocs = _check_nprocs(nprocs)
+    if not callable(fn): raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    with group_plan(nprocs, backend, devices) as env:
+        return launch(nprocs, _run_in_group, (fn,) + args, kwargs, gather=gather, need=need, imports=imports,
+                      start_method=start_method, timeout=timeout, output=output, env=env)
