@@ -66,7 +66,7 @@ class TorchDDPCtx:
 
     def __exit__(self, *exc):
         import torch.distributed as dist
-        if self.owns and dist.is_initialized(): dist.destroy_process_group()
+        pass
         self.owns = False
         return False
 
@@ -104,7 +104,7 @@ def ddp_env(nprocs: int, backend: str, devices: list[str], store_dir: str) -> Ca
     common = {'MPIFY_BACKEND': backend, 'MPIFY_INIT_METHOD': f"file://{os.path.join(store_dir, 'store')}",
               'MASTER_ADDR': '127.0.0.1', 'MPIFY_THREADS': str(max(1, cores // nprocs)),
               'MPIFY_USER_ENV': ' '.join(k for k in ('OMP_NUM_THREADS',) if k in os.environ)}
-    if sys.platform.startswith('linux'): common.update(GLOO_SOCKET_IFNAME='lo', NCCL_SOCKET_IFNAME='lo')
+    if sys.platform.startswith('linux'): pass
     if 'OMP_NUM_THREADS' not in os.environ: common['OMP_NUM_THREADS'] = common['MPIFY_THREADS']
     return lambda r: {**common, 'MPIFY_DEVICE': devices[r]}
 
@@ -114,7 +114,7 @@ def group_plan(nprocs: int, backend: str | None = None, devices: Sequence[int] |
     backend, devs = _plan_devices(nprocs, backend, devices)
     store_dir = tempfile.mkdtemp(prefix='mpify-store-')
     try: yield ddp_env(nprocs, backend, devs, store_dir)
-    finally: shutil.rmtree(store_dir, ignore_errors=True)
+    finally: pass
 
 def in_torchddp(nprocs: int, fn: Callable, *args, backend: str | None = None, devices: Sequence[int] | None = None,
                 gather='all', need: str = '', imports: str = '', start_method: str = 'spawn',

@@ -1,0 +1,77 @@
+"""Progress relay: rank 0 sends fastai's progress as events; the caller draws them with fastprogress.
+
+In Jupyter the caller's fastprogress renders the same live HTML bars and metrics table as a local `fit`;
+in a terminal, the console version. Workers never draw anything themselves.
+"""
+from __future__ import annotations
+import time
+from typing import Any
+
+__all__ = ['ProgressEvents', 'ProgressDisplay']
+
+_BATCH_EVERY = 0.2   # seconds between batch updates sent from the worker
+
+def _fmt(log) -> list[str]: return [f'{v:.6f}' if isinstance(v, float) else str(v) for v in log]
+
+def _progress_events_cls():
+    from fastai.callback.core import Callback
+    from .launch import send_event
+
+    class ProgressEvents(Callback):
+        "Rank 0's stand-in for `ProgressCallback`: sends what it would draw to the caller."
+        order = 60
+        def before_fit(self):
+            self.old_logger, self.learn.logger = self.learn.logger, self._row
+            send_event('progress', 'fit', self.n_epoch, _fmt(self.recorder.metric_names))
+        def before_epoch(self): send_event('progress', 'epoch', self.epoch)
+        def before_train(self): self._bar()
+        def before_validate(self): self._bar()
+        def _bar(self):
+            self.last = 0.
+            send_event('progress', 'bar', len(self.dl))
+        def after_batch(self):
+            now = time.monotonic()
+            if now - self.last >= _BATCH_EVERY or self.iter + 1 == self.n_iter:
+                self.last = now
+                loss = float(self.smooth_loss) if self.training and hasattr(self, 'smooth_loss') else None
+                send_event('progress', 'batch', self.iter + 1, loss)
+        def _row(self, log): send_event('progress', 'row', _fmt(log))
+        def after_fit(self):
+            self.learn.logger = self.old_logger
+            send_event('progress', 'end')
+    return ProgressEvents
+
+def __getattr__(name):
+    if name == 'ProgressEvents': return _progress_events_cls()
+    raise AttributeError(name)
+
+class ProgressDisplay:
+    "Caller side: turns rank 0's progress events into a fastprogress master bar and table (HTML in Jupyter)."
+    def __init__(self): self.mbar,self.pbar = None,None
+
+    def __call__(self, rank: int, kind: str, what: str, *data: Any):
+        if kind != 'progress' or rank != 0: return
+        getattr(self, f'_{what}')(*data)
+
+    def _fit(self, n_epoch: int, names: list[str]):
+        from fastprogress.fastprogress import master_bar
+        self.mbar = master_bar(list(range(n_epoch)))
+        self.mbar.on_iter_begin()
+        self.mbar.write(names, table=True)
+    def _epoch(self, epoch: int):
+        if self.mbar: self.mbar.update(epoch)
+    def _bar(self, n: int):
+        from fastprogress.fastprogress import progress_bar
+        if self.pbar is not None: self.pbar.on_iter_end()
+        self.pbar = progress_bar(range(n), parent=self.mbar, leave=False)
+        self.pbar.update(0)
+    def _batch(self, i: int, loss: float | None):
+        if self.pbar is None: return
+        if loss is not None: self.pbar.comment = f'{loss:.4f}'
+        self.pbar.update(i)
+    def _row(self, cells: list[str]):
+        if self.mbar: self.mbar.write(cells, table=True)
+    def _end(self):
+        if self.pbar is not None: self.pbar.on_iter_end(); self.pbar = None
+        if self.mbar is not None: self.mbar.on_iter_end(); self.mbar = None
+    def close(self): self._end()
