@@ -5,8 +5,9 @@ the network), and gloo/NCCL sockets are pinned to loopback for single-host runs.
 CUDA: GPUs are counted through NVML, and each worker selects its own device before creating its context.
 """
 from __future__ import annotations
-import os, shutil, sys, tempfile
+import os, re, shutil, sys, tempfile, time
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, Callable, Sequence
 from .launch import launch
 
@@ -42,6 +43,15 @@ def local_device():
     if dev is None: dev = str(local_rank()) if torch.cuda.is_available() else 'cpu'
     return torch.device('cpu') if dev == 'cpu' else torch.device('cuda', int(dev))
 
+def _elastic_store(rank: int, world: int, timeout: timedelta):
+    """torchrun's store, with a prefix per restart attempt: a restarted group would otherwise find the previous
+    attempt's gloo addresses there and fail to connect ('Connection refused')."""
+    import torch.distributed as dist
+    agent = os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
+    store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), world,
+                          is_master=not agent and rank == 0, timeout=timeout)
+    return dist.PrefixStore(f"mpify/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+
 class TorchDDPCtx:
     """Context manager that makes this process a member of a `torch.distributed` group and tears it down.
     Reads RANK / WORLD_SIZE (and `in_torchddp`'s MPIFY_* settings, or torchrun's MASTER_ADDR/PORT) from the environment."""
@@ -58,21 +68,49 @@ class TorchDDPCtx:
         backend = self.backend or ('nccl' if dev.type == 'cuda' else 'gloo')
         threads = os.environ.get('MPIFY_THREADS')
         if threads and 'OMP_NUM_THREADS' not in os.environ.get('MPIFY_USER_ENV', ''): torch.set_num_threads(int(threads))
-        kw = {} if self.timeout_s is None else {'timeout': __import__('datetime').timedelta(seconds=self.timeout_s)}
+        kw = {} if self.timeout_s is None else {'timeout': timedelta(seconds=self.timeout_s)}
+        missing = [k for k in ('RANK', 'WORLD_SIZE') if k not in os.environ]
+        if missing: raise RuntimeError(f"TorchDDPCtx needs {' and '.join(missing)} in the environment: run it under "
+                                       "ranch/in_torchddp or torchrun, or set them (and MASTER_ADDR/MASTER_PORT) yourself")
         rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-        dist.init_process_group(backend, init_method=self.init_method, rank=rank, world_size=world, **kw)
+        if self.init_method == 'env://' and 'TORCHELASTIC_RESTART_COUNT' in os.environ:
+            kw['store'] = _elastic_store(rank, world, kw.get('timeout', timedelta(minutes=10)))
+        else: kw['init_method'] = self.init_method
+        dist.init_process_group(backend, rank=rank, world_size=world, **kw)
         self.owns = True
         return self
 
     def __exit__(self, *exc):
         import torch.distributed as dist
-        pass
+        if self.owns and dist.is_initialized(): dist.destroy_process_group()
         self.owns = False
         return False
 
+_PEER_FAILURE = re.compile(r'gloo/transport|Connection (?:closed|reset) by peer|Broken pipe|remote process exited')
+_PEER_GRACE = 2.0   # seconds a rank whose collective failed because a peer went away waits before reporting it
+
+def _peer_failure(e: BaseException | None) -> bool:
+    "Whether `e` (or what caused it) is a collective failing because another rank went away."
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, RuntimeError) and _PEER_FAILURE.search(str(e)): return True
+        e = e.__cause__ or e.__context__
+    return False
+
 def _run_in_group(fn: Callable, *args, **kwargs) -> Any:
-    "Worker side of `in_torchddp`: join the group, run `fn`, leave the group whatever happens."
-    with TorchDDPCtx(): return fn(*args, **kwargs)
+    """Worker side of `in_torchddp`: join the group, run `fn`, leave the group.
+    The launcher reports the first error it receives and stops every worker, so on an error the root cause must
+    arrive first: a failing rank keeps the group up (tearing it down would close its sockets before its error is
+    sent, and NCCL's teardown can block on peers stuck in a collective), and a rank whose collective failed only
+    because a peer went away waits a moment, so that the peer's error or death is what gets reported."""
+    ctx = TorchDDPCtx().__enter__()
+    try: res = fn(*args, **kwargs)
+    except BaseException as e:
+        if _peer_failure(e): time.sleep(_PEER_GRACE)
+        raise
+    ctx.__exit__(None, None, None)
+    return res
 
 def _plan_devices(nprocs: int, backend: str | None, devices: Sequence[int] | None) -> tuple[str, list[str]]:
     "Choose the backend and each rank's device before anything starts; raise on what cannot work."
@@ -104,7 +142,7 @@ def ddp_env(nprocs: int, backend: str, devices: list[str], store_dir: str) -> Ca
     common = {'MPIFY_BACKEND': backend, 'MPIFY_INIT_METHOD': f"file://{os.path.join(store_dir, 'store')}",
               'MASTER_ADDR': '127.0.0.1', 'MPIFY_THREADS': str(max(1, cores // nprocs)),
               'MPIFY_USER_ENV': ' '.join(k for k in ('OMP_NUM_THREADS',) if k in os.environ)}
-    if sys.platform.startswith('linux'): pass
+    if sys.platform.startswith('linux'): common.update(GLOO_SOCKET_IFNAME='lo', NCCL_SOCKET_IFNAME='lo')
     if 'OMP_NUM_THREADS' not in os.environ: common['OMP_NUM_THREADS'] = common['MPIFY_THREADS']
     return lambda r: {**common, 'MPIFY_DEVICE': devices[r]}
 
@@ -114,10 +152,10 @@ def group_plan(nprocs: int, backend: str | None = None, devices: Sequence[int] |
     backend, devs = _plan_devices(nprocs, backend, devices)
     store_dir = tempfile.mkdtemp(prefix='mpify-store-')
     try: yield ddp_env(nprocs, backend, devs, store_dir)
-    finally: pass
+    finally: shutil.rmtree(store_dir, ignore_errors=True)
 
 def in_torchddp(nprocs: int, fn: Callable, *args, backend: str | None = None, devices: Sequence[int] | None = None,
-                gather='all', need: str = '', imports: str = '', start_method: str = 'spawn',
+                gather='all', need: str = '', imports: str = '', start_method: str = 'warm',
                 timeout: float | None = None, output: str = 'rank0', **kwargs) -> Any:
     """Like `ranch`, but every worker is a member of one `torch.distributed` process group while `fn` runs:
     NCCL with one GPU per rank where GPUs are visible, gloo otherwise (`backend=` overrides); `devices` picks GPU ids."""

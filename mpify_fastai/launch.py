@@ -12,11 +12,11 @@ import multiprocess as mp
 from multiprocess.connection import wait
 from .errors import LaunchTimeout, MainGuardError, PayloadError, WorkerDied, WorkerError
 from .imports import parse_imports, run_imports
-from .serialize import check_picklable, dumps, loads
+from .serialize import check_picklable, dumps, loads, referenced_globals
 
 __all__ = ['ranch', 'launch', 'START_METHODS', 'OUTPUT_MODES']
 
-START_METHODS = ('spawn', 'fork', 'forkserver')
+START_METHODS = ('warm', 'spawn', 'fork', 'forkserver')   # 'warm': fork server with torch/fastai preloaded (warm.py)
 OUTPUT_MODES = ('rank0', 'all', 'none')
 _MAIN_GUARD_EXIT = 86     # exit code of a worker that found itself re-importing an unguarded script
 _STOP_GRACE = 1.0         # seconds between SIGTERM and SIGKILL when stopping workers
@@ -122,11 +122,18 @@ class _LineRelay:
 
 _channel: _Channel | None = None   # set in a worker process
 
+def _context(start_method: str):
+    if start_method != 'warm': return mp.get_context(start_method)
+    from .warm import warm_context
+    return warm_context()
+
 def _worker(rank: int, conn, spec: dict):
     "Entry point of every worker process."
     global _channel
     _die_with_parent(spec['parent_pid'])
     os.setpgrp()    # the caller's Ctrl-C / kernel interrupt reaches the caller only; it stops us itself
+    if spec.get('base_env') is not None:   # forkserver: the server's environ is from when it started, not the caller's now
+        os.environ.clear(); os.environ.update(spec['base_env'])
     os.environ.update(spec['env'][rank])
     chan = _channel = _Channel(conn)
     sys.stdout, sys.stderr = _LineRelay(chan, 'stdout'), _LineRelay(chan, 'stderr')
@@ -145,6 +152,7 @@ def _worker(rank: int, conn, spec: dict):
         except Exception: pass
         chan.send('error', type(e).__qualname__, str(e), traceback.format_exc(), _pickled_exc(e))
         os._exit(1)   # what was sent stays readable in the pipe after we exit
+    os._exit(0)       # done: threads the function left running must not keep the caller waiting
 
 def _pickled_exc(e: BaseException) -> bytes | None:
     try:
@@ -220,7 +228,7 @@ def _default_output(mode: str) -> Callable:
     return show
 
 def launch(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = None, *, gather='all', need='',
-           imports: str = '', start_method: str = 'spawn', timeout: float | None = None, output: str = 'rank0',
+           imports: str = '', start_method: str = 'warm', timeout: float | None = None, output: str = 'rank0',
            env: dict | Callable[[int], dict] | None = None, on_event: Callable | None = None,
            on_output: Callable | None = None, context=None) -> Any:
     """Run `fn(*args, **kwargs)` on `nprocs` new processes and gather results; the engine behind `ranch`.
@@ -243,13 +251,15 @@ def launch(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = No
         try: payload = dumps((fn, tuple(args), kwargs), need=need_vals, segment_path=seg)
         except Exception as e:
             check_picklable({'fn': fn, **{f'args[{i}]': a for i, a in enumerate(args)},
-                             **{f'kwargs[{k!r}]': v for k, v in kwargs.items()}, **{f'need[{k!r}]': v for k, v in need_vals.items()}})
+                             **{f'kwargs[{k!r}]': v for k, v in kwargs.items()}, **{f'need[{k!r}]': v for k, v in need_vals.items()},
+                             **{f'global {k}': v for k, v in referenced_globals((fn, args, kwargs), need_vals).items()}})
             raise PayloadError(f"cannot send the call to the workers: {type(e).__name__}: {e}") from e
         world = {'WORLD_SIZE': str(nprocs), 'LOCAL_WORLD_SIZE': str(nprocs)}
         envs = [{**world, 'RANK': str(r), 'LOCAL_RANK': str(r), **((env(r) if callable(env) else env) or {})} for r in range(nprocs)]
-        ctx = context or mp.get_context(start_method)
-        spec = dict(parent_pid=None if ctx.get_start_method() == 'forkserver' else os.getpid(), env=envs, imports=imports, payload=payload.data, scratch=scratch,
-                    gather=gather)
+        ctx = context or _context(start_method)
+        forkserver = ctx.get_start_method() == 'forkserver'
+        spec = dict(parent_pid=None if forkserver else os.getpid(), env=envs, imports=imports, payload=payload.data, scratch=scratch,
+                    gather=gather, base_env=dict(os.environ) if forkserver else None)
         for r in range(nprocs):
             parent_end, child_end = ctx.Pipe(duplex=True)
             p = ctx.Process(target=_worker, args=(r, child_end, spec), name=f'mpify-rank{r}', daemon=False)
@@ -309,11 +319,13 @@ def send_event(*data) -> None:
     if chan is None: raise RuntimeError("send_event works only inside a worker started by ranch/in_torchddp")
     chan.send('event', *data)
 
-def ranch(nprocs: int, fn: Callable, *args, gather='all', need: str = '', imports: str = '', start_method: str = 'spawn',
+def ranch(nprocs: int, fn: Callable, *args, gather='all', need: str = '', imports: str = '', start_method: str = 'warm',
           timeout: float | None = None, output: str = 'rank0', **kwargs) -> Any:
     """Run `fn(*args, **kwargs)` on `nprocs` fresh processes (ranks 0..nprocs-1), block until all finish, and return
     every rank's result as a list in rank order (`gather=r`: rank r's only; `gather=None`: nothing).
     `need="a b"` ships those notebook globals; `imports` is import statements run in each worker first;
-    `output` picks whose prints reach you: 'rank0' (and every rank's stderr), 'all' or 'none'."""
+    `output` picks whose prints reach you: 'rank0' (and every rank's stderr), 'all' or 'none'.
+    `start_method`: 'warm' (default: fork from a per-session server that has torch/fastai imported, CUDA-safe),
+    'spawn' (a fresh interpreter per worker), 'fork' or 'forkserver' (multiprocess's, nothing preloaded)."""
     return launch(nprocs, fn, args, kwargs, gather=gather, need=need, imports=imports, start_method=start_method,
                   timeout=timeout, output=output)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import os, shutil, tempfile
 from typing import Any, Callable
 from fastai.learner import Learner
+from torch.nn.parallel import DistributedDataParallel
 from fastai.callback.progress import CSVLogger, ProgressCallback, ShowGraphCallback
 from fastcore.basics import noop, patch
+from fastcore.foundation import L
 from .ddp import group_plan, rank_world, visible_gpu_count
 from .errors import LaunchError
 from .launch import launch
@@ -18,8 +20,13 @@ from .relay import ProgressDisplay
 __all__ = ['fit_ddp', 'DDPLauncher', 'apply_result', 'learner_result', 'RANK0_ONLY_CALLBACKS', 'SCHEDULES']
 
 RANK0_ONLY_CALLBACKS = (CSVLogger, ProgressCallback, ShowGraphCallback)   # side effects that must happen once
+_DRAWN_BY_CALLER = (ProgressCallback, ShowGraphCallback)
 SCHEDULES = ('fit', 'fit_one_cycle', 'fine_tune', 'fit_flat_cos', 'fit_sgdr')
 _LAUNCH_KEYS = ('backend', 'devices', 'start_method', 'timeout', 'need', 'imports', 'output')
+
+def _is_cb(cb, types) -> bool:
+    "`cb` is an instance of `types`, or a callback class among them (fastai accepts both in `cbs`)."
+    return isinstance(cb, types) or (isinstance(cb, type) and issubclass(cb, types))
 
 def learner_result(learn: Learner) -> dict:
     "What rank 0 sends home: weights (CPU), recorder history, optimizer state and epoch counters."
@@ -31,14 +38,14 @@ def learner_result(learn: Learner) -> dict:
         opt['state'] = [{k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in s.items()} for s in opt['state']]
     hist = {k: getattr(rec, k) for k in ('values', 'losses', 'lrs', 'iters', 'metric_names', 'hps') if hasattr(rec, k)}
     if 'losses' in hist: hist['losses'] = [float(l) for l in hist['losses']]
-    return dict(state_dict={k: v.detach().cpu() for k, v in learn.model.state_dict().items()}, recorder=hist, opt=opt,
+    model = learn.model.module if isinstance(learn.model, DistributedDataParallel) else learn.model
+    return dict(state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}, recorder=hist, opt=opt,
                 epoch=getattr(learn, 'epoch', 0), n_epoch=getattr(learn, 'n_epoch', 0),
                 final_record=getattr(learn, 'final_record', None))
 
 def apply_result(learn: Learner, res: dict) -> None:
     "Load a `learner_result` into `learn`: weights into its model on its device, history into its recorder, optimizer state."
     import torch
-    from fastcore.foundation import L
     sd = res['state_dict']
     own = learn.model.state_dict()
     bad = [k for k in own if k not in sd or own[k].shape != sd[k].shape]
@@ -67,13 +74,17 @@ def _train_in_worker(source, method: str, args: tuple, kwargs: dict, checkpoint:
     if not isinstance(learn, Learner): raise TypeError(f"the learner factory returned {type(learn).__name__}, not a Learner")
     rank, _ = rank_world()
     if rank: learn.logger = noop
+    drop = RANK0_ONLY_CALLBACKS if rank else _DRAWN_BY_CALLER   # the caller draws progress and graphs from rank 0's events
     for cb in list(learn.cbs):
-        if isinstance(cb, RANK0_ONLY_CALLBACKS): learn.remove_cb(cb)
-    if 'cbs' in kwargs and kwargs['cbs'] is not None and rank:
-        cbs = kwargs['cbs'] if isinstance(kwargs['cbs'], (list, tuple)) else [kwargs['cbs']]
-        kwargs = {**kwargs, 'cbs': [cb for cb in cbs if not isinstance(cb, RANK0_ONLY_CALLBACKS)]}
+        if _is_cb(cb, drop): learn.remove_cb(cb)
+    if kwargs.get('cbs') is not None: kwargs = {**kwargs, 'cbs': [cb for cb in L(kwargs['cbs']) if not _is_cb(cb, drop)]}
     extra = [DistributedRunner(sync_bn=sync_bn, checkpoint=checkpoint, **ddp_kwargs)] + ([ProgressEvents()] if rank == 0 else [])
-    with learn.added_cbs(extra): getattr(learn, method)(*args, **kwargs)
+    with learn.added_cbs(extra):
+        # ProgressEvents stands where fastai's ProgressCallback stood: first among callbacks of its order (60), so a
+        # CSVLogger (or any logger) on the Learner chains to the logger it installs, exactly as in a local fit.
+        lead = extra[1:]
+        learn.cbs = L(lead + [cb for cb in learn.cbs if not any(cb is x for x in lead)])
+        getattr(learn, method)(*args, **kwargs)
     return learner_result(learn) if rank == 0 else None
 
 def _default_nprocs(nprocs: int | None) -> int:
@@ -93,7 +104,8 @@ def _run(learn: Learner | None, source: Any, method: str, args: tuple, kwargs: d
     backend, devices = launch_opts.pop('backend', None), launch_opts.pop('devices', None)
     ckdir = tempfile.mkdtemp(prefix='mpify-ckpt-')
     checkpoint = os.path.join(ckdir, 'last_epoch.pth')
-    display = ProgressDisplay()
+    cbs = L(getattr(learn, 'cbs', [])) + L(kwargs.get('cbs'))
+    display = ProgressDisplay(graph=any(_is_cb(cb, ShowGraphCallback) for cb in cbs))
     ok = False
     try:
         with group_plan(nprocs, backend, devices) as env:
@@ -158,3 +170,6 @@ def fit_ddp(factory: Callable[[], Learner], n_epoch: int, lr=None, *, nprocs: in
     res = _run(learn, factory, method, (n_epoch,), kwargs, nprocs, sync_bn, ddp_kwargs, **launch_opts)
     apply_result(learn, res)
     return learn
+
+
+from . import job as _job   # noqa: E402  (adds Learner.save_ddp_job / Learner.load_ddp_result)

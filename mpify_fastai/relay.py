@@ -21,7 +21,7 @@ def _progress_events_cls():
         "Rank 0's stand-in for `ProgressCallback`: sends what it would draw to the caller."
         order = 60
         def before_fit(self):
-            self.old_logger, self.learn.logger = self.learn.logger, self._row
+            self.old_logger, self.learn.logger, self.sent = self.learn.logger, self._row, 0
             send_event('progress', 'fit', self.n_epoch, _fmt(self.recorder.metric_names))
         def before_epoch(self): send_event('progress', 'epoch', self.epoch)
         def before_train(self): self._bar()
@@ -35,7 +35,10 @@ def _progress_events_cls():
                 self.last = now
                 loss = float(self.smooth_loss) if self.training and hasattr(self, 'smooth_loss') else None
                 send_event('progress', 'batch', self.iter + 1, loss)
-        def _row(self, log): send_event('progress', 'row', _fmt(log))
+        def _row(self, log):
+            rec = self.recorder
+            new, self.sent = [float(l) for l in rec.losses[self.sent:]], len(rec.losses)
+            send_event('progress', 'row', _fmt(log), new, float(rec.values[-1][1]) if rec.values and len(rec.values[-1]) > 1 else None)
         def after_fit(self):
             self.learn.logger = self.old_logger
             send_event('progress', 'end')
@@ -46,8 +49,11 @@ def __getattr__(name):
     raise AttributeError(name)
 
 class ProgressDisplay:
-    "Caller side: turns rank 0's progress events into a fastprogress master bar and table (HTML in Jupyter)."
-    def __init__(self): self.mbar,self.pbar = None,None
+    """Caller side: turns rank 0's progress events into a fastprogress master bar and table (HTML in Jupyter),
+    plus the loss graph of `ShowGraphCallback` when `graph`."""
+    def __init__(self, graph: bool = False):
+        self.mbar,self.pbar,self.graph = None,None,graph
+        self.losses,self.val_losses,self.epoch_ends,self.n_epoch = [],[],[],0
 
     def __call__(self, rank: int, kind: str, what: str, *data: Any):
         if kind != 'progress' or rank != 0: return
@@ -55,8 +61,10 @@ class ProgressDisplay:
 
     def _fit(self, n_epoch: int, names: list[str]):
         from fastprogress.fastprogress import master_bar
+        self.n_epoch,self.losses,self.val_losses,self.epoch_ends = n_epoch,[],[],[]
         self.mbar = master_bar(list(range(n_epoch)))
-        self.mbar.on_iter_begin()
+        # as fastai's ProgressCallback: no on_iter_begin here. The first `update(0)` begins the bar and opens the one
+        # display; beginning it here too opened a second display, left behind holding the header and a stray repr.
         self.mbar.write(names, table=True)
     def _epoch(self, epoch: int):
         if self.mbar: self.mbar.update(epoch)
@@ -69,8 +77,16 @@ class ProgressDisplay:
         if self.pbar is None: return
         if loss is not None: self.pbar.comment = f'{loss:.4f}'
         self.pbar.update(i)
-    def _row(self, cells: list[str]):
-        if self.mbar: self.mbar.write(cells, table=True)
+    def _row(self, cells: list[str], losses: list[float] = (), val_loss: float | None = None):
+        if not self.mbar: return
+        self.mbar.write(cells, table=True)
+        self.losses += losses
+        if not (self.graph and val_loss is not None and self.losses): return
+        self.epoch_ends.append(len(self.losses)); self.val_losses.append(val_loss)
+        per_epoch = self.epoch_ends[0]
+        x_max = (self.n_epoch - len(self.epoch_ends)) * per_epoch + len(self.losses)
+        self.mbar.update_graph([(list(range(len(self.losses))), self.losses), (self.epoch_ends, self.val_losses)],
+                               (0, x_max), (0, max(max(self.losses), max(self.val_losses))))
     def _end(self):
         if self.pbar is not None: self.pbar.on_iter_end(); self.pbar = None
         if self.mbar is not None: self.mbar.on_iter_end(); self.mbar = None

@@ -14,7 +14,7 @@ import dill
 from dill.detect import globalvars
 from .errors import PayloadError
 
-__all__ = ['dumps', 'loads', 'Payload', 'find_unpicklable', 'check_picklable', 'SHARE_MIN_BYTES']
+__all__ = ['dumps', 'loads', 'Payload', 'find_unpicklable', 'check_picklable', 'referenced_globals', 'SHARE_MIN_BYTES']
 
 SHARE_MIN_BYTES = 64 * 1024   # smaller storages are cheaper inline than as a region of the segment file
 _ALIGN = 64
@@ -103,6 +103,9 @@ class _Pickler(dill.Pickler):
         if t.device.type != 'cpu':
             cpu = t.detach().to('cpu')
             return (_identity, (torch.nn.Parameter(cpu, t.requires_grad) if isinstance(t, torch.nn.Parameter) else cpu,))
+        if t.is_conj() or t.is_neg():   # lazy conjugate/negated views: their storage holds the values before conj/neg
+            r = t.detach().resolve_conj().resolve_neg().requires_grad_(t.requires_grad)
+            return (_identity, (torch.nn.Parameter(r, t.requires_grad) if isinstance(t, torch.nn.Parameter) else r,))
         cls = type(t)
         if cls not in (torch.Tensor, torch.nn.Parameter):
             return (_rebuild_subclass, (cls, t.as_subclass(torch.Tensor), dict(getattr(t, '__dict__', {}))))
@@ -126,6 +129,21 @@ def _referenced_globals(funcs, skip: set) -> dict:
     for f in funcs:
         for name in globalvars(f, recurse=True, builtin=False):
             if name not in skip and name in main: out[name] = main[name]
+    return out
+
+def referenced_globals(obj: Any, skip=()) -> dict:
+    "The notebook globals that `dumps(obj)` would ship with `obj` (name -> value), found by a dry run (for error messages)."
+    out, todo = {}, [obj]
+    while todo:
+        funcs = []
+        for o in todo:
+            p = _Pickler(io.BytesIO(), mode='dry')
+            try: p.dump(o)
+            except Exception: pass
+            funcs += p.main_funcs
+        new = _referenced_globals(funcs, set(skip) | set(out))
+        out.update(new)
+        todo = list(new.values())
     return out
 
 class Payload:

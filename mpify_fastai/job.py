@@ -1,0 +1,146 @@
+"""Multi-node bridge: save the notebook's training as a job file, run it under torchrun, load the result back.
+
+`learn.save_ddp_job("job.pkl", 10, lr=1e-3, method="fine_tune")` writes a self-contained pickle (tensors by
+value, notebook code and what it references included); `torchrun ... -m mpify_fastai run job.pkl --result
+result.pth` trains it with the same `DistributedRunner` as `fit_ddp`; `learn.load_ddp_result("result.pth")`
+applies it. Rank 0 checkpoints every epoch, so a group restarted by torchrun resumes where it stopped.
+A job file is a pickle: loading it runs code. Only run job files you made; the runner refuses one that
+others can write to.
+"""
+from __future__ import annotations
+import io, os, stat, sys
+from pathlib import Path
+from typing import Callable
+from fastai.learner import Learner
+from fastcore.basics import noop, patch
+from fastcore.foundation import L
+from .imports import parse_imports, run_imports
+from .serialize import dumps, loads
+
+__all__ = ['save_job', 'load_ddp_job', 'run_job', 'JobFileError', 'RESUMABLE']
+
+JOB_VERSION = 1
+RESUMABLE = ('fit', 'fit_one_cycle', 'fit_flat_cos', 'fit_sgdr')   # schedules that take start_epoch
+
+class JobFileError(RuntimeError):
+    "A job file that is unsafe or unreadable."
+
+def _atomic_write(path: Path, data: bytes, mode: int = 0o600):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, 'wb') as f: f.write(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+def save_job(source: Learner | Callable[[], Learner], path: str | os.PathLike, *args, method: str = 'fit',
+                 need: str = '', imports: str = '', sync_bn: bool = True, ddp_kwargs: dict | None = None, **kwargs) -> Path:
+    "Write a self-contained, portable training job: `method(*args, **kwargs)` on `source` (a Learner or factory)."
+    from .launch import _need_dict
+    from .learner import SCHEDULES
+    if method not in SCHEDULES: raise ValueError(f"method must be one of {SCHEDULES}, got {method!r}")
+    if not (isinstance(source, Learner) or callable(source)): raise TypeError("source must be a Learner or a function returning one")
+    parse_imports(imports)
+    import pickle
+    job = dict(source=source, method=method, args=args, kwargs=kwargs, sync_bn=sync_bn, ddp_kwargs=ddp_kwargs or {})
+    head = pickle.dumps({'version': JOB_VERSION, 'imports': imports})   # read first: imports run before the job loads
+    path = Path(path)
+    _atomic_write(path, head + dumps(job, need=_need_dict(need), mode='value').data)
+    return path
+
+def _check_job_file(path: Path):
+    try: st = path.stat()
+    except FileNotFoundError: raise JobFileError(f"job file {path} does not exist") from None
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise JobFileError(f"refusing job file {path}: it is writable by group or others (mode {stat.filemode(st.st_mode)}), "
+                           f"and loading a job runs its code. Fix with: chmod go-w {path}")
+
+def load_ddp_job(path: str | os.PathLike) -> dict:
+    "Load a job file after checking nobody else can have changed it; its imports run in this `__main__` first."
+    import pickle
+    path = Path(path)
+    _check_job_file(path)
+    f = io.BytesIO(path.read_bytes())
+    try: head = pickle.load(f)
+    except Exception as e: raise JobFileError(f"{path} is not an mpify_fastai job file ({e})") from None
+    if not isinstance(head, dict) or head.get('version') != JOB_VERSION:
+        raise JobFileError(f"{path} is not an mpify_fastai job file of version {JOB_VERSION}")
+    run_imports(head['imports'], sys.modules['__main__'].__dict__)
+    return loads(f.read())
+
+def _job_callbacks(rank: int, checkpoint: Path, resume: dict | None):
+    from fastai.callback.core import Callback
+    from .learner import learner_result
+
+    class JobCheckpoint(Callback):
+        "Rank 0 saves weights, optimizer and history at each epoch end (after the Recorder's row), atomically."
+        order = 70
+        def after_epoch(self):
+            if rank != 0: return
+            import torch
+            res = learner_result(self.learn)
+            res['completed_epoch'] = self.epoch
+            buf = io.BytesIO(); torch.save(res, buf)
+            _atomic_write(checkpoint, buf.getvalue())
+
+    class ResumeHistory(Callback):
+        "After a resumed fit: put the checkpointed history of the skipped epochs back in front."
+        order = 51
+        def after_fit(self):
+            if not resume: return
+            rec, done = self.recorder, resume['completed_epoch'] + 1
+            old = resume['recorder']
+            rec.values = list(old['values'][:done]) + list(rec.values[done:])
+            import torch
+            rec.losses = [torch.tensor(x) for x in old['losses']] + list(rec.losses)
+            rec.lrs = list(old['lrs']) + list(rec.lrs)
+            rec.iters = list(old['iters'][:done]) + [i + (old['iters'][done - 1] if done else 0) for i in rec.iters[done:]]
+    return [JobCheckpoint(), ResumeHistory()]
+
+def run_job(path: str | os.PathLike, result: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> None:
+    """Worker side, one process per rank under torchrun: train the job, rank 0 writes `result` atomically.
+    Resumes from `checkpoint` (default `<result>.ckpt`) when a restarted group finds one."""
+    import torch, torch.distributed as dist
+    from .callback import DistributedRunner
+    from .ddp import TorchDDPCtx, rank_world
+    from .learner import RANK0_ONLY_CALLBACKS, _is_cb, apply_result, learner_result
+    import fastai.callback.schedule  # noqa: F401
+    result = Path(result)
+    checkpoint = Path(checkpoint) if checkpoint else result.with_name(result.name + '.ckpt')
+    job = load_ddp_job(path)
+    with TorchDDPCtx():
+        rank, world = rank_world()
+        src = job['source']
+        learn = src if isinstance(src, Learner) else src()
+        if rank:
+            learn.logger = noop
+            for cb in list(learn.cbs):
+                if _is_cb(cb, RANK0_ONLY_CALLBACKS): learn.remove_cb(cb)
+        kwargs = dict(job['kwargs'])
+        if rank and kwargs.get('cbs') is not None: kwargs['cbs'] = [cb for cb in L(kwargs['cbs']) if not _is_cb(cb, RANK0_ONLY_CALLBACKS)]
+        state = [torch.load(checkpoint, weights_only=False) if rank == 0 and checkpoint.exists() and job['method'] in RESUMABLE else None]
+        if world > 1: dist.broadcast_object_list(state, 0)
+        resume = state[0]
+        if resume is not None:
+            apply_result(learn, resume)
+            kwargs['start_epoch'] = resume['completed_epoch'] + 1
+            if rank == 0: print(f"mpify_fastai: resuming from {checkpoint} after epoch {resume['completed_epoch']}", flush=True)
+        cbs = [DistributedRunner(sync_bn=job['sync_bn'], **job['ddp_kwargs'])] + _job_callbacks(rank, checkpoint, resume)
+        with learn.added_cbs(cbs): getattr(learn, job['method'])(*job['args'], **kwargs)
+        if rank == 0:
+            buf = io.BytesIO(); torch.save(learner_result(learn), buf)
+            _atomic_write(result, buf.getvalue())
+            checkpoint.unlink(missing_ok=True)
+        if world > 1: dist.barrier()
+
+@patch
+def save_ddp_job(self: Learner, path: str | os.PathLike, *args, method: str = 'fit', factory: Callable | None = None,
+                 **kwargs) -> Path:
+    "Save `method(*args, **kwargs)` on this Learner (or on `factory()`) as a job for `torchrun -m mpify_fastai run`."
+    return save_job(factory or self, path, *args, method=method, **kwargs)
+
+@patch
+def load_ddp_result(self: Learner, path: str | os.PathLike) -> None:
+    "Apply a result written by `python -m mpify_fastai run` (weights, history, optimizer state), as `fit_ddp` does."
+    import torch
+    from .learner import apply_result
+    apply_result(self, torch.load(path, weights_only=False))

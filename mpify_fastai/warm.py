@@ -1,0 +1,56 @@
+"""Warm launches: one fork server per caller with torch (and fastai, if the caller uses it) already imported.
+
+Workers fork from it in milliseconds instead of re-importing torch and fastai for seconds each. The server
+never runs torch code, so it holds no CUDA context and every forked worker still creates its own: the
+speed of fork with the safety of spawn. It is multiprocess's fork server: it exits when the caller's end of
+its pipe closes (caller exit or SIGKILL alike), and is started again on the next call if it died.
+"""
+from __future__ import annotations
+import os, sys, threading
+import multiprocess as mp
+from multiprocess import forkserver
+
+__all__ = ['warm_context', 'warm_preload', 'stop_warm_server']
+
+_lock = threading.Lock()
+_started_with: tuple[str, ...] | None = None
+
+def warm_preload() -> tuple[str, ...]:
+    "Modules the server imports: our launcher, torch if the caller has it, fastai's core if the caller has it."
+    mods = ['mpify_fastai.launch']
+    if 'torch' in sys.modules: mods.append('torch')
+    if 'fastai' in sys.modules: mods += ['fastai.basics', 'fastai.callback.schedule', 'mpify_fastai.callback']
+    return tuple(mods)
+
+def _server_alive() -> bool:
+    fs = forkserver._forkserver
+    pid = getattr(fs, '_forkserver_pid', None)
+    if pid is None: return False
+    try: return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError: return False
+
+def stop_warm_server() -> None:
+    "Stop the fork server now (the next warm launch starts a new one)."
+    global _started_with
+    with _lock:
+        if getattr(forkserver._forkserver, '_forkserver_pid', None) is not None: forkserver._forkserver._stop()
+        _started_with = None
+
+def warm_context():
+    """The multiprocess 'forkserver' context, its server started (or restarted) with `warm_preload()`.
+    A server missing modules the caller now uses is replaced, so it always holds what workers need."""
+    global _started_with
+    want = warm_preload()
+    with _lock:
+        alive = _server_alive()
+        if alive and _started_with is not None and set(want) <= set(_started_with): return mp.get_context('forkserver')
+        if alive or getattr(forkserver._forkserver, '_forkserver_pid', None) is not None: forkserver._forkserver._stop()
+        forkserver.set_forkserver_preload(list(want))
+        old = os.environ.get('PYTORCH_NVML_BASED_CUDA_CHECK')
+        os.environ['PYTORCH_NVML_BASED_CUDA_CHECK'] = '1'     # a CUDA availability probe in the server must not init CUDA
+        try: forkserver.ensure_running()
+        finally:
+            if old is None: os.environ.pop('PYTORCH_NVML_BASED_CUDA_CHECK', None)
+            else: os.environ['PYTORCH_NVML_BASED_CUDA_CHECK'] = old
+        _started_with = want
+    return mp.get_context('forkserver')
