@@ -113,9 +113,13 @@ class DistributedRunner(Callback):
             tmp = f"{self.checkpoint}.tmp"
             torch.save({'epoch': self.epoch, 'state_dict': sd}, tmp)
             os.replace(tmp, self.checkpoint)
-        if self.world > 1: dist.barrier()    # rank 0's files (SaveModelCallback, checkpoint) exist before anyone reads them
+
+    def before_epoch(self):
+        "Rank 0's files from the previous epoch (SaveModelCallback, runs after us in `after_epoch`) exist before anyone goes on."
+        if self.epoch and self.world > 1: dist.barrier()
 
     def after_fit(self):
+        if self.world > 1 and self.training_fit: dist.barrier()   # ... and before SaveModelCallback loads them in `after_fit`
         if hasattr(self, 'plain'): self.learn.model = self.plain
         self.training_fit = False
         for dl, saved in getattr(self, 'saved', []): unshard_dl(dl, saved)

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     learn.ddp(nprocs=a.nprocs).fit_one_cycle(a.epochs, 1e-2)
     wall = time.perf_counter() - t0
     last = [float(v) for v in learn.recorder.values[-1]]
-    val = [float(v) for v in learn.validate()]
+    with learn.no_bar(): val = [float(v) for v in learn.validate()]
     ok = all(abs(x - y) < 1e-4 for x, y in zip(last[1:], val))
     print(f"\nfit_ddp: {a.epochs} epochs on {a.nprocs} processes in {wall:.1f} s (wall, including worker start)")
     print(f"last epoch (valid_loss, accuracy): {last[1]:.6f}, {last[2]:.6f}")

@@ -10,8 +10,9 @@ class WorkerError(LaunchError):
     "A worker raised. `rank`, `exc_type`, `remote_traceback` describe it; `__cause__` is the original where it unpickles."
     def __init__(self, rank: int, exc_type: str, message: str, remote_traceback: str, extra: str = ''):
         self.rank,self.exc_type,self.message,self.remote_traceback,self.extra = rank,exc_type,message,remote_traceback,extra
-        msg = message.strip().splitlines()
-        head = f"rank {rank} raised {exc_type}" + (f": {msg[0]}" if msg else '')
+        msg = [l.strip() for l in message.strip().splitlines() if l.strip()]
+        first = ' '.join(msg[:2]) if len(msg) > 1 and msg[0].endswith(':') else (msg[0] if msg else '')  # fastai wraps: "Exception occured in ...:"
+        head = f"rank {rank} raised {exc_type}" + (f": {first}" if first else '')
         super().__init__(f"{head}{extra}\n\n--- traceback from rank {rank} ---\n{remote_traceback.rstrip()}")
     def __reduce__(self):   # picklable (a nested launch sends it back as a cause), though __init__ takes several args
         return (type(self), (self.rank, self.exc_type, self.message, self.remote_traceback, self.extra), self.__dict__)

@@ -59,7 +59,8 @@ def load_ddp_job(path: str | os.PathLike) -> dict:
     import pickle
     path = Path(path)
     _check_job_file(path)
-    f = io.BytesIO(path.read_bytes())
+    try: f = io.BytesIO(path.read_bytes())
+    except OSError as e: raise JobFileError(f"cannot read job file {path}: {e.strerror or e}") from None
     try: head = pickle.load(f)
     except Exception as e: raise JobFileError(f"{path} is not an mpify_fastai job file ({e})") from None
     if not isinstance(head, dict) or head.get('version') != JOB_VERSION:
@@ -67,17 +68,40 @@ def load_ddp_job(path: str | os.PathLike) -> dict:
     run_imports(head['imports'], sys.modules['__main__'].__dict__)
     return loads(f.read())
 
+def _merged_history(hist: dict, old: dict, done: int) -> dict:
+    """The history of a resumed fit (`hist`, as `learner_result` gives it) with the `done` epochs of the checkpoint's
+    history (`old`) in front: the resumed fit's rows for the skipped epochs are empty, its iteration counts restart."""
+    hist = dict(hist)
+    hist['values'] = list(old['values'][:done]) + list(hist['values'][done:])
+    hist['losses'] = list(old['losses']) + list(hist['losses'])
+    hist['lrs'] = list(old['lrs']) + list(hist['lrs'])
+    off = old['iters'][done - 1] if done else 0
+    hist['iters'] = list(old['iters'][:done]) + [i + off for i in hist['iters'][done:]]
+    return hist
+
+def _resume_kwargs(method: str, kwargs: dict, start_epoch: int) -> dict:
+    "Keyword arguments that make `method` skip to `start_epoch`."
+    kwargs = {**kwargs, 'start_epoch': start_epoch}
+    if method == 'fit_flat_cos':   # fastai's fit_flat_cos accepts start_epoch but passes 0 on to fit
+        from fastai.learner import SkipToEpoch
+        kwargs['cbs'] = L(kwargs.get('cbs')) + [SkipToEpoch(start_epoch)]
+    return kwargs
+
 def _job_callbacks(rank: int, checkpoint: Path, resume: dict | None):
     from fastai.callback.core import Callback
     from .learner import learner_result
+    done = resume['completed_epoch'] + 1 if resume else 0
 
     class JobCheckpoint(Callback):
-        "Rank 0 saves weights, optimizer and history at each epoch end (after the Recorder's row), atomically."
+        """Rank 0 saves weights, optimizer and history at each epoch end (after the Recorder's row), atomically.
+        In a resumed fit it skips the epochs it skipped, and saves the whole history (checkpointed epochs included),
+        so that a second restart resumes from a complete one."""
         order = 70
         def after_epoch(self):
-            if rank != 0: return
+            if rank != 0 or self.epoch < done: return
             import torch
             res = learner_result(self.learn)
+            if resume: res['recorder'] = _merged_history(res['recorder'], resume['recorder'], done)
             res['completed_epoch'] = self.epoch
             buf = io.BytesIO(); torch.save(res, buf)
             _atomic_write(checkpoint, buf.getvalue())
@@ -87,13 +111,11 @@ def _job_callbacks(rank: int, checkpoint: Path, resume: dict | None):
         order = 51
         def after_fit(self):
             if not resume: return
-            rec, done = self.recorder, resume['completed_epoch'] + 1
-            old = resume['recorder']
-            rec.values = list(old['values'][:done]) + list(rec.values[done:])
             import torch
-            rec.losses = [torch.tensor(x) for x in old['losses']] + list(rec.losses)
-            rec.lrs = list(old['lrs']) + list(rec.lrs)
-            rec.iters = list(old['iters'][:done]) + [i + (old['iters'][done - 1] if done else 0) for i in rec.iters[done:]]
+            rec = self.recorder
+            hist = _merged_history({k: getattr(rec, k) for k in ('values', 'losses', 'lrs', 'iters')}, resume['recorder'], done)
+            rec.values, rec.lrs, rec.iters = hist['values'], hist['lrs'], hist['iters']
+            rec.losses = [x if isinstance(x, torch.Tensor) else torch.tensor(x) for x in hist['losses']]
     return [JobCheckpoint(), ResumeHistory()]
 
 def run_job(path: str | os.PathLike, result: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> None:
@@ -122,7 +144,7 @@ def run_job(path: str | os.PathLike, result: str | os.PathLike, checkpoint: str 
         resume = state[0]
         if resume is not None:
             apply_result(learn, resume)
-            kwargs['start_epoch'] = resume['completed_epoch'] + 1
+            kwargs = _resume_kwargs(job['method'], kwargs, resume['completed_epoch'] + 1)
             if rank == 0: print(f"mpify_fastai: resuming from {checkpoint} after epoch {resume['completed_epoch']}", flush=True)
         cbs = [DistributedRunner(sync_bn=job['sync_bn'], **job['ddp_kwargs'])] + _job_callbacks(rank, checkpoint, resume)
         with learn.added_cbs(cbs): getattr(learn, job['method'])(*job['args'], **kwargs)

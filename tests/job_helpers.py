@@ -6,10 +6,12 @@ from fastai.callback.core import Callback
 
 class KillRank(Callback):
     """SIGKILL rank `rank` at the end of epoch `at[attempt]`, attempt being torchrun's TORCHELASTIC_RESTART_COUNT.
-    Order 0: it fires before `DistributedRunner`'s end-of-epoch barrier, so rank 0 never checkpoints that epoch."""
-    order = 0
+    Order 90, after the job's checkpoint (70), and behind a barrier of all ranks: rank 0 has checkpointed that epoch
+    when rank 1 dies, whatever barriers the training callbacks hold, so the restart resumes right after it."""
+    order = 90
     def __init__(self, at: dict, rank: int = 1): self.at, self.rank = dict(at), rank
     def after_epoch(self):
-        attempt = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0'))
-        if int(os.environ.get('RANK', '0')) == self.rank and self.at.get(attempt) == self.epoch:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.at.get(int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0'))) != self.epoch: return
+        import torch.distributed as dist
+        if dist.is_initialized() and dist.get_world_size() > 1: dist.barrier()
+        if int(os.environ.get('RANK', '0')) == self.rank: os.kill(os.getpid(), signal.SIGKILL)

@@ -1,12 +1,13 @@
-"""End-to-end tests of `Learner.fit_ddp` / `Learner.ddp(...)` / `fit_ddp(factory, ...)`: real spawned workers, real
+"""End-to-end tests of `Learner.fit_ddp` / `Learner.ddp(...)` / `fit_ddp(factory, ...)`: real worker processes, real
 fastai Learners, a real gloo group on the CPU, nothing mocked.
 
-Every launch spawns workers that import fastai (15-40 s per call on the 2-core machine), so each test makes few
-launches and checks many things about each. Callbacks and factories the workers need live in `fastai_helpers`.
-The expensive end-to-end cases are marked `slow` (run them with `pytest -m slow`).
+A launch from the default warm fork server takes a few seconds; one with `start_method='spawn'` starts interpreters
+that import fastai (15-40 s on the 2-core machine). Each test makes few launches and checks many things about each.
+Callbacks and factories the workers need live in `fastai_helpers`. The longer end-to-end cases are marked `slow`
+(run them with `pytest -m slow`, everything with `pytest -m ""`).
 """
 from __future__ import annotations
-import copy, json, os, re, textwrap, time
+import copy, json, os, re, time
 from pathlib import Path
 
 import matplotlib
@@ -49,7 +50,8 @@ def test_one_ddp_step_averages_gradients_over_ranks(tmp_path):
     learn = fh.sgd_learner(DataLoaders.from_dsets(train, valid, bs=B, shuffle=False), fh.mlp(0))
     init = fh.params_of(learn.model)
 
-    learn.fit_ddp(1, lr, nprocs=2, cbs=fh.RecordWorld(tmp_path))
+    # spawn (fresh interpreters), not the default warm fork server: the workers import fastai and fastai_helpers themselves
+    learn.fit_ddp(1, lr, nprocs=2, cbs=fh.RecordWorld(tmp_path), start_method='spawn')
     got = fh.params_of(learn.model)
     assert _rank_files(tmp_path, 2) == [[0, 2, 1, 1], [1, 2, 1, 1]], "each rank must run exactly one step of one epoch"
 
@@ -86,7 +88,7 @@ def test_one_process_matches_local_fit():
     for x, y in zip(sa, sb):
         assert max(float((x[k] - y[k]).abs().max()) for k in ('grad_avg', 'sqr_avg')) < 1e-6
 
-def test_metrics_exact_on_uneven_validation_set(tmp_path):
+def test_metrics_exact_on_uneven_validation_set(tmp_path, no_leftovers):
     """3 ranks, 361 validation items (not a multiple of 3): the last recorded row equals the parent's learn.validate()
     for valid_loss (AvgLoss), accuracy (AvgMetric) and two AccumMetrics; history, plot and optimizer come home."""
     dls = digits_dls(bs=64, n_valid=361)

@@ -16,7 +16,7 @@ import pytest
 
 import helpers
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]   # the first test also runs the whole notebook
 
 SETUP = '''
 import json, os, warnings
