@@ -122,23 +122,47 @@ def task_payload(reps: int) -> dict:
 # ---------------------------------------------------------------- figures 3 and 4: fastai training
 
 def task_train(epochs: int, rounds: int, fit1_later: int) -> dict:
-    """Wall time of `fit_ddp(1)` (first call of the session, then later calls) and local `fit(1)`; then per-epoch
-    times of local `fit(epochs)` and `fit_ddp(epochs, nprocs=2)`, alternating, `rounds` times."""
+    """Wall time of `fit_ddp(1)` (first call of the session, then later calls) and local `fit(1)`; how long a warm
+    worker's first `DistributedDataParallel(model)` takes; then per-epoch times, alternating in each of `rounds`:
+    local `fit(epochs)`, `fit_ddp(epochs, nprocs=2)`, the hand-written loop on 1 process and with DDP on 2, and
+    1-thread runs of local `fit` and of the hand-written loop (a control for thread oversubscription)."""
     out = {'import_s': import_like_notebook()}
+    import torch
     import mpify_fastai  # noqa: F401  (after fastai: adds Learner.fit_ddp)
+    from mpify_fastai import in_torchddp
     from bench_fastai import make_learner, epoch_times
     learn = make_learner()
     out['ddp1_first_s'] = timed(learn.fit_ddp, 1, nprocs=2)[0]
     out['ddp1_later_s'] = [timed(learn.fit_ddp, 1, nprocs=2)[0] for _ in range(fit1_later)]
     out['local1_first_s'] = timed(learn.fit, 1)[0]
     out['local1_later_s'] = [timed(learn.fit, 1)[0] for _ in range(fit1_later)]
-    out['local_epochs'], out['ddp_epochs'] = [], []
+    out['ddp_ctor_s'] = in_torchddp(2, ddp_ctor_seconds)
+    cores, threads = len(os.sched_getaffinity(0)), torch.get_num_threads()
+    runs = {'local': lambda: epoch_times(lambda cbs: learn.fit(epochs, cbs=cbs)),
+            'ddp': lambda: epoch_times(lambda cbs: learn.fit_ddp(epochs, cbs=cbs, nprocs=2)),
+            'raw_single': lambda: run_raw(1, epochs, cores),
+            'raw_ddp': lambda: run_raw(2, epochs, max(1, cores // 2)),
+            'local_1t': lambda: with_threads(1, lambda: epoch_times(lambda cbs: learn.fit(epochs, cbs=cbs))),
+            'raw_single_1t': lambda: run_raw(1, epochs, 1)}
+    for k in runs: out[k] = []
     for _ in range(rounds):
-        out['local_epochs'].append(epoch_times(lambda cbs: learn.fit(epochs, cbs=cbs)))
-        out['ddp_epochs'].append(epoch_times(lambda cbs: learn.fit_ddp(epochs, cbs=cbs, nprocs=2)))
-    out['n_train'] = learn.dls.train.n
-    out['threads_local'] = __import__('torch').get_num_threads()
+        for k, run in runs.items(): out[k].append(run())
+    out.update(n_train=learn.dls.train.n, cores=cores, threads_local=threads)
     return out
+
+def with_threads(n: int, fn):
+    "Call `fn()` with torch limited to `n` intra-op threads, then restore the previous number."
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try: return fn()
+    finally: torch.set_num_threads(old)
+
+def ddp_ctor_seconds() -> list[float]:
+    "Inside an `in_torchddp` worker: seconds of its first and of a second `DistributedDataParallel(model)`."
+    from torch.nn.parallel import DistributedDataParallel
+    from mpify_fastai.demo import digits_cnn
+    return [timed(DistributedDataParallel, digits_cnn())[0] for _ in range(2)]
 
 def digits_tensors():
     "The digits split of `mpify_fastai.demo.digits_dls` as tensors: (X_train, y_train, X_valid, y_valid)."
@@ -190,25 +214,18 @@ def raw_worker(rank: int, world: int, epochs: int, threads: int, out_path: str, 
     if rank == 0:
         with open(out_path, 'w') as f: json.dump({'epoch_s': times, 'accuracy': stats[1].item() / stats[2].item()}, f)
 
-def run_raw(world: int, epochs: int, threads: int) -> dict:
+def run_raw(world: int, epochs: int, threads: int) -> list[float]:
     "Launch `raw_worker` on `world` processes with torch.multiprocessing spawn; rank 0's epoch times."
     from torch.multiprocessing import start_processes
     d = tempfile.mkdtemp(prefix='mpify-bench-raw-')
     out = os.path.join(d, 'out.json')
-    start_processes(raw_worker, args=(world, epochs, threads, out, os.path.join(d, 'store')), nprocs=world, start_method='spawn')
-    with open(out) as f: res = json.load(f)
-    for n in os.listdir(d): os.remove(os.path.join(d, n))
-    os.rmdir(d)
-    return res
-
-def task_raw(epochs: int, rounds: int) -> dict:
-    "The hand-written loop: one process with 2 threads, and DDP on 2 processes with 1 thread each, alternating."
-    cores = len(os.sched_getaffinity(0))
-    out = {'single': [], 'ddp': [], 'cores': cores}
-    for _ in range(rounds):
-        out['single'].append(run_raw(1, epochs, cores))
-        out['ddp'].append(run_raw(2, epochs, max(1, cores // 2)))
-    return out
+    try:
+        start_processes(raw_worker, args=(world, epochs, threads, out, os.path.join(d, 'store')), nprocs=world,
+                        start_method='spawn')
+        with open(out) as f: return json.load(f)['epoch_s']
+    finally:
+        for n in os.listdir(d): os.remove(os.path.join(d, n))
+        os.rmdir(d)
 
 # ---------------------------------------------------------------- figure 5: result return
 
@@ -240,7 +257,7 @@ def task_return(sizes: list[int], reps: int) -> dict:
 # ---------------------------------------------------------------- entry point of a child process
 
 TASKS = {'launch_ours': task_launch_ours, 'launch_accelerate': task_launch_accelerate, 'payload': task_payload,
-         'train': task_train, 'raw': task_raw, 'return': task_return}
+         'train': task_train, 'return': task_return}
 
 def child_main(argv: list[str] | None = None) -> None:
     "`python -c 'import bench_workers as b; b.child_main()' TASK PARAMS_JSON OUT_JSON`: run TASK, write its dict to OUT_JSON."

@@ -55,14 +55,12 @@ def plan(quick: bool) -> list[tuple[str, str, dict]]:
                 ('launch_accelerate', 'launch_accelerate', dict(calls=6)),
                 ('payload', 'payload', dict(reps=1)),
                 ('train', 'train', dict(epochs=3, rounds=1, fit1_later=1)),
-                ('raw', 'raw', dict(epochs=3, rounds=1)),
                 ('return', 'return', dict(sizes=[100 * MB, 1024 * MB], reps=3))]
-    return [('launch_ours', 'launch_ours', dict(later=7, spawn=3, torch_spawn=3, fastai_spawn=2)),
+    return [('launch_ours', 'launch_ours', dict(later=7, spawn=3, torch_spawn=2, fastai_spawn=2)),
             ('launch_accelerate', 'launch_accelerate', dict(calls=8)),
             ('launch_ours_2', 'launch_ours', dict(later=1, spawn=0, torch_spawn=0, fastai_spawn=0)),
-            ('payload', 'payload', dict(reps=3)),
-            ('train', 'train', dict(epochs=5, rounds=2, fit1_later=3)),
-            ('raw', 'raw', dict(epochs=5, rounds=2)),
+            ('payload', 'payload', dict(reps=2)),
+            ('train', 'train', dict(epochs=3, rounds=2, fit1_later=2)),
             ('return', 'return', dict(sizes=[100 * MB, 1024 * MB], reps=5))]
 
 def child_env() -> dict:
@@ -114,16 +112,26 @@ def ratio(a: float, b: float, floor: tuple[str, float] | None = None) -> str:
         text += f" (floor {op} {lim:g}: {'met' if ok else '**MISSED**'})"
     return text
 
+FIRST_CALL_CAUSE = ("the first call starts the warm server, which imports torch and fastai.basics (with fastai's schedule "
+    "and mpify's callback) before it forks anything; a spawned worker that runs a trivial function imports neither. Any "
+    "function that needs fastai pays that import under spawn, in every worker, on every call: see the row against spawn "
+    "of a function importing `fastai.basics`.")
+EFFICIENCY_CAUSE = "see Diagnostics below."
+RETURN_CAUSE = ("the worker copies the tensors into the /dev/shm segment file (one copy, with tmpfs page allocation), "
+    "the caller maps it copy-on-write; a loaded machine stretches the copy and the worker's exit that `ranch` waits for.")
+
 class Table:
     "Rows of the results table; a row whose numbers are missing (a failed task) says so instead."
     def __init__(self, results: dict):
-        self.results,self.rows = results,[]
+        self.results,self.rows,self.causes = results,[],{}
     def machine(self, *keys) -> str:
         loads = [x for k in keys for x in self.results.get(k, {}).get('loadavg', [])]
         cores = os.cpu_count()
         return f'{cores}-core CPU, load {min(loads):.1f}-{max(loads):.1f}' if loads else f'{cores}-core CPU'
-    def add(self, figure: str, keys: tuple, make) -> None:
-        "Append `figure` with the cells `make()` returns (ours, peer, ratio), or a failure note."
+    def add(self, figure: str, keys: tuple, make, cause: str | None = None) -> None:
+        """Append `figure` with the cells `make()` returns (ours, peer, ratio), or a failure note; `cause` is the likely
+        reason, written out if the row misses its floor."""
+        if cause: self.causes[figure] = cause
         bad = [k for k in keys if k not in self.results or 'error' in self.results[k]]
         if bad: self.rows.append((figure, 'not measured', 'not measured', f"failed: {', '.join(bad)}", self.machine(*keys))); return
         try: ours, peer, rat = make()
@@ -131,51 +139,86 @@ class Table:
             ours, peer, rat = 'not measured', 'not measured', f'failed: {type(e).__name__}: {e}'
         self.rows.append((figure, ours, peer, rat, self.machine(*keys)))
 
+def launch_rows(T: Table, R: dict) -> None:
+    "Figure 1: launch latency of a trivial function on 2 processes."
+    ours = lambda k: R['launch_ours'][k]
+    firsts = lambda: [R[k]['first_s'] for k in ('launch_ours', 'launch_ours_2') if k in R and 'error' not in R[k]]
+    row = lambda a, b, floor=None: (s(med(a)), s(med(b)), ratio(med(a), med(b), floor))
+    lo = ('launch_ours',)
+    T.add('1. Launch trivial fn on 2 procs, first call of a session (warm server start) vs `ranch(start_method="spawn")`', lo,
+          lambda: row(firsts(), ours('spawn_s'), ('<=', 1)), cause=FIRST_CALL_CAUSE)
+    T.add('1. Launch, first call vs `torch.multiprocessing.start_processes(spawn)`', lo, lambda: row(firsts(), ours('torch_spawn_s')))
+    T.add('1. Launch, first call vs spawn of a function that imports `fastai.basics`', lo, lambda: row(firsts(), ours('spawn_fastai_s')))
+    T.add('1. Launch, later calls (median) vs accelerate `notebook_launcher(f, num_processes=2)` (fork, later calls)',
+          ('launch_ours', 'launch_accelerate'), lambda: row(ours('later_s'), R['launch_accelerate']['later_s'], ('<=', 2)),
+          cause='unexpected: later calls fork from the already running server; look at the raw numbers for outliers.')
+    T.add('1. Launch, later calls vs `torch.multiprocessing.start_processes(spawn)`', lo, lambda: row(ours('later_s'), ours('torch_spawn_s')))
+
+def payload_rows(T: Table, R: dict) -> None:
+    "Figure 2: bytes and seconds to ship the digits Learner."
+    P = lambda k: R['payload'][k]
+    ship = lambda who: med([a + b for a, b in zip(P(f'{who}_dump_s'), P(f'{who}_load_s'))])
+    T.add('2. Payload of the digits Learner: bytes (ours: pickle + /dev/shm segment) vs `dill.dumps(learn, recurse=True)`', ('payload',),
+          lambda: (size(P('ours_bytes')), size(P('dill_bytes')), ratio(P('ours_bytes'), P('dill_bytes'))))
+    T.add('2. Payload: seconds to serialize + load', ('payload',), lambda: (s(ship('ours')), s(ship('dill')), ratio(ship('ours'), ship('dill'))))
+
+def training_rows(T: Table, R: dict) -> None:
+    "Figures 3 and 4: steady-state samples/s, DDP efficiency, and the wall time of a 1-epoch fit."
+    tr = ('train',)
+    t = lambda k: R['train'][k]
+    sps = lambda key: t('n_train') / med(steady(t(key)))
+    pair = lambda a, b: (f'{sps(a):,.0f}', f'{sps(b):,.0f}', ratio(sps(a), sps(b)))
+    eff = lambda ddp, one: sps(ddp) / sps(one)
+    effs = lambda one, raw_one, floor=None: (f"{eff('ddp', one):.2f}", f"{eff('raw_ddp', raw_one):.2f}",
+                                             ratio(eff('ddp', one), eff('raw_ddp', raw_one), floor))
+    T.add('3. Training samples/s, 1 process (2 threads): local `learn.fit` vs hand-written loop', tr, lambda: pair('local', 'raw_single'))
+    T.add('3. Training samples/s, DDP 2 procs x 1 thread (gloo): `fit_ddp` vs hand-written DDP loop', tr, lambda: pair('ddp', 'raw_ddp'))
+    T.add('3. DDP efficiency (DDP samples/s / 1-process 2-thread samples/s): ours vs hand-written', tr,
+          lambda: effs('local', 'raw_single', ('>=', 0.9)), cause=EFFICIENCY_CAUSE)
+    T.add('3. Control: training samples/s, 1 process with 1 thread: local `learn.fit` vs hand-written loop', tr,
+          lambda: pair('local_1t', 'raw_single_1t'))
+    T.add('3. Control: DDP efficiency against 1-thread 1-process runs: ours vs hand-written', tr, lambda: effs('local_1t', 'raw_single_1t'))
+    T.add('4. Wall time of 1 epoch, first call of the session: `fit_ddp(1, nprocs=2)` vs local `fit(1)` (first)', tr,
+          lambda: (s(t('ddp1_first_s')), s(t('local1_first_s')), ratio(t('ddp1_first_s'), t('local1_first_s'))))
+    T.add('4. Wall time of 1 epoch, later call: `fit_ddp(1, nprocs=2)` vs local `fit(1)`', tr,
+          lambda: (s(med(t('ddp1_later_s'))), s(med(t('local1_later_s'))), ratio(med(t('ddp1_later_s')), med(t('local1_later_s')))))
+
+def return_rows(T: Table, R: dict) -> None:
+    "Figure 5: result return of 100 MB and 1 GB state_dicts vs one memcpy."
+    for nbytes in (100 * MB, 1024 * MB):
+        ret = lambda k, n=nbytes: R['return'][str(n)][k]
+        row = lambda k: (s(med(ret(k))), s(med(ret('memcpy_s'))), ratio(med(ret(k)), med(ret('memcpy_s')), ('<=', 3)))
+        T.add(f'5. Return a {size(nbytes)} state_dict, worker `return` -> caller holds it, vs one fresh memcpy', ('return',),
+              lambda row=row: row('received_s'), cause=RETURN_CAUSE)
+        T.add(f'5. Return a {size(nbytes)} state_dict, received + copied into the model-like tensors, vs one fresh memcpy',
+              ('return',), lambda row=row: row('applied_s'), cause=RETURN_CAUSE)
+
 def build_table(R: dict) -> Table:
     T = Table(R)
-    firsts = lambda: [R[k]['first_s'] for k in ('launch_ours', 'launch_ours_2') if k in R and 'error' not in R[k]]
-    lo, la = ('launch_ours',), ('launch_ours', 'launch_accelerate')
-    T.add('1. Launch trivial fn on 2 procs, first call of a session (warm server start) vs `ranch(start_method="spawn")`', lo,
-          lambda: (s(med(firsts())), s(med(R['launch_ours']['spawn_s'])), ratio(med(firsts()), med(R['launch_ours']['spawn_s']), ('<=', 1))))
-    T.add('1. Launch, first call vs `torch.multiprocessing.start_processes(spawn)`', lo,
-          lambda: (s(med(firsts())), s(med(R['launch_ours']['torch_spawn_s'])), ratio(med(firsts()), med(R['launch_ours']['torch_spawn_s']))))
-    T.add('1. Launch, first call vs spawn of a function that imports `fastai.basics`', lo,
-          lambda: (s(med(firsts())), s(med(R['launch_ours']['spawn_fastai_s'])), ratio(med(firsts()), med(R['launch_ours']['spawn_fastai_s']))))
-    T.add('1. Launch, later calls (median) vs accelerate `notebook_launcher(f, num_processes=2)` (fork, later calls)', la,
-          lambda: (s(med(R['launch_ours']['later_s'])), s(med(R['launch_accelerate']['later_s'])),
-                   ratio(med(R['launch_ours']['later_s']), med(R['launch_accelerate']['later_s']), ('<=', 2))))
-    T.add('1. Launch, later calls vs `torch.multiprocessing.start_processes(spawn)`', lo,
-          lambda: (s(med(R['launch_ours']['later_s'])), s(med(R['launch_ours']['torch_spawn_s'])),
-                   ratio(med(R['launch_ours']['later_s']), med(R['launch_ours']['torch_spawn_s']))))
-    P = lambda: R['payload']
-    T.add('2. Payload of the digits Learner: bytes (ours: pickle + /dev/shm segment) vs `dill.dumps(learn, recurse=True)`', ('payload',),
-          lambda: (size(P()['ours_bytes']), size(P()['dill_bytes']), ratio(P()['ours_bytes'], P()['dill_bytes'])))
-    ship = lambda who: med([a + b for a, b in zip(P()[f'{who}_dump_s'], P()[f'{who}_load_s'])])
-    T.add('2. Payload: seconds to serialize + load', ('payload',), lambda: (s(ship('ours')), s(ship('dill')), ratio(ship('ours'), ship('dill'))))
-    tr, raw = ('train',), ('train', 'raw')
-    sps = lambda rounds: R['train']['n_train'] / med(steady(rounds))
-    T.add('3. Training samples/s, 1 process (2 threads): local `learn.fit` vs hand-written loop', raw,
-          lambda: (f"{sps(R['train']['local_epochs']):,.0f}", f"{sps([r['epoch_s'] for r in R['raw']['single']]):,.0f}",
-                   ratio(sps(R['train']['local_epochs']), sps([r['epoch_s'] for r in R['raw']['single']]))))
-    T.add('3. Training samples/s, DDP 2 procs x 1 thread (gloo): `fit_ddp` vs hand-written DDP loop', raw,
-          lambda: (f"{sps(R['train']['ddp_epochs']):,.0f}", f"{sps([r['epoch_s'] for r in R['raw']['ddp']]):,.0f}",
-                   ratio(sps(R['train']['ddp_epochs']), sps([r['epoch_s'] for r in R['raw']['ddp']]))))
-    eff_ours = lambda: sps(R['train']['ddp_epochs']) / sps(R['train']['local_epochs'])
-    eff_raw = lambda: sps([r['epoch_s'] for r in R['raw']['ddp']]) / sps([r['epoch_s'] for r in R['raw']['single']])
-    T.add('3. DDP efficiency (DDP samples/s / 1-process samples/s): ours vs hand-written', raw,
-          lambda: (f'{eff_ours():.2f}', f'{eff_raw():.2f}', ratio(eff_ours(), eff_raw(), ('>=', 0.9))))
-    T.add('4. Wall time of 1 epoch, first call of the session: `fit_ddp(1, nprocs=2)` vs local `fit(1)` (first)', tr,
-          lambda: (s(R['train']['ddp1_first_s']), s(R['train']['local1_first_s']), ratio(R['train']['ddp1_first_s'], R['train']['local1_first_s'])))
-    T.add('4. Wall time of 1 epoch, later call: `fit_ddp(1, nprocs=2)` vs local `fit(1)`', tr,
-          lambda: (s(med(R['train']['ddp1_later_s'])), s(med(R['train']['local1_later_s'])),
-                   ratio(med(R['train']['ddp1_later_s']), med(R['train']['local1_later_s']))))
-    for nbytes in (100 * MB, 1024 * MB):
-        ret = lambda: R['return'][str(nbytes)]
-        T.add(f'5. Return a {size(nbytes)} state_dict, worker `return` -> caller holds it, vs one fresh memcpy', ('return',),
-              lambda ret=ret: (s(med(ret()['received_s'])), s(med(ret()['memcpy_s'])), ratio(med(ret()['received_s']), med(ret()['memcpy_s']), ('<=', 3))))
-        T.add(f'5. Return a {size(nbytes)} state_dict, received + copied into the model-like tensors, vs one fresh memcpy', ('return',),
-              lambda ret=ret: (s(med(ret()['applied_s'])), s(med(ret()['memcpy_s'])), ratio(med(ret()['applied_s']), med(ret()['memcpy_s']), ('<=', 3))))
+    for rows in (launch_rows, payload_rows, training_rows, return_rows): rows(T, R)
     return T
+
+def diagnostics(R: dict) -> list[str]:
+    "Measured explanations for the figures: thread oversubscription, DDP construction, a breakdown of `fit_ddp(1)`."
+    tr, lo, pay = R.get('train', {}), R.get('launch_ours', {}), R.get('payload', {})
+    if 'error' in tr or not tr: return ['- No training numbers (the train task failed).']
+    e = lambda k: med(steady(tr[k]))
+    ctor = tr['ddp_ctor_s']
+    out = [f"- Threads: per epoch, the hand-written loop on 1 process took {s(e('raw_single'))} with 2 threads and "
+           f"{s(e('raw_single_1t'))} with 1; local `fit` {s(e('local'))} with 2 threads and {s(e('local_1t'))} with 1. "
+           + ("Two threads slower than one means the 2 cores were oversubscribed (other work on the machine): the 2-thread "
+              "baselines of the DDP-efficiency floor then measure the scheduler more than DDP, and the 1-thread control row "
+              "is the fairer comparison." if e('raw_single') > e('raw_single_1t') else
+              "Two threads helped, as they should on an idle machine."),
+           f"- DDP construction: in each warm `in_torchddp` worker the first `DistributedDataParallel(model)` took "
+           f"{', '.join(s(c[0]) for c in ctor)} and a second one {', '.join(s(c[1]) for c in ctor)} (rank 0, rank 1). The first "
+           "construction in a process imports `torch._dynamo` (with sympy; seen with `python -X importtime`), which the warm "
+           "server does not preload, so every `fit_ddp` call pays it in every worker.",
+           f"- One epoch is {s(e('ddp'))} under `fit_ddp` and {s(e('local'))} locally (steady state); what a later "
+           f"`fit_ddp(1)` adds is the launch ({s(med(lo['later_s'])) if 'later_s' in lo else '?'} for a trivial function), "
+           f"serializing the Learner ({s(med(pay['ours_dump_s'])) if 'ours_dump_s' in pay else '?'}), building the process "
+           "group and the DDP model (above), the first epoch's warm-up in fresh processes, and returning the result."]
+    return out
 
 # ---------------------------------------------------------------- RESULTS.md
 
@@ -237,18 +280,21 @@ def floors_note(T: Table) -> str:
     missed = [r for r in T.rows if 'MISSED' in r[3]]
     failed = [r for r in T.rows if r[3].startswith('failed')]
     lines = []
-    for r in missed: lines.append(f'- Floor missed: {r[0]}: ours {r[1]}, peer {r[2]}, {r[3]}.')
+    for r in missed:
+        cause = T.causes.get(r[0], '')
+        lines.append(f'- Floor missed: {r[0]}: ours {r[1]}, peer {r[2]}, {r[3]}.' + (f' Likely cause: {cause}' if cause else ''))
     for r in failed: lines.append(f'- Not measured: {r[0]} ({r[3]}).')
     return '\n'.join(lines) if lines else '- Every floor was met and every figure was measured.'
 
-def write_results(T: Table, R: dict, quick: bool, wall: float) -> str:
+def write_results(T: Table, R: dict, meta: dict) -> str:
+    "Write RESULTS.md; return the table's markdown."
     head = ['figure', 'ours', 'peer', 'ratio', 'machine']
     table = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)] + ['| ' + ' | '.join(r) + ' |' for r in T.rows]
     text = f"""# mpify_fastai benchmark results
 
-`python bench/run.py{' --quick' if quick else ''}` ({'quick run' if quick else 'full run'}), {time.strftime('%Y-%m-%d %H:%M %Z')},
-{wall:.0f} s in all. Machine: {os.cpu_count()} x {cpu_model()}, no GPU, {_mem_gb():.0f} GB RAM, Python {platform.python_version()};
-{versions()}.
+`python bench/run.py{' --quick' if meta['quick'] else ''}` ({'quick run' if meta['quick'] else 'full run'}), {meta['date']},
+{meta['wall_s']:.0f} s in all. Machine: {os.cpu_count()} x {cpu_model()}, no GPU, {_mem_gb():.0f} GB RAM, Python {platform.python_version()};
+{meta['versions']}.
 
 {chr(10).join(table)}
 
@@ -256,37 +302,63 @@ def write_results(T: Table, R: dict, quick: bool, wall: float) -> str:
 
 {floors_note(T)}
 
+## Diagnostics
+
+{chr(10).join(diagnostics(R))}
+
 {METHOD}
 ## Raw numbers (seconds unless named otherwise)
 
-```json
-{json.dumps(R, indent=1, default=str)}
+```
+{raw_numbers(R)}
 ```
 """
     RESULTS.write_text(text)
     return '\n'.join(table)
+
+def _rounded(x):
+    "`x` with floats rounded to 4 decimals, recursively."
+    if isinstance(x, float): return round(x, 4)
+    if isinstance(x, dict): return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, list): return [_rounded(v) for v in x]
+    return x
+
+def raw_numbers(R: dict) -> str:
+    "Every measured value, one line per task and field."
+    return '\n'.join(f'{task}.{k}: {json.dumps(_rounded(v))}' for task, res in R.items() for k, v in res.items())
 
 def _mem_gb() -> float:
     return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30
 
 # ---------------------------------------------------------------- main
 
+def measure(quick: bool, only: list[str] | None, logs: Path) -> dict:
+    "Run the plan's tasks one after another; result key -> the task's numbers (or its error)."
+    R, t0 = {}, time.perf_counter()
+    for key, task, params in plan(quick):
+        if only and key not in only: continue
+        print(f'[{time.perf_counter() - t0:6.0f} s] {key} {params}', flush=True)
+        R[key] = run_task(task, params, logs, timeout=300 if quick else 420)
+        if 'error' in R[key]: print(f"  failed ({R[key]['error']}):\n    " + '\n    '.join(R[key]['log_tail']), flush=True)
+    return R
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--quick', action='store_true', help='fewer repetitions and epochs (a few minutes)')
+    ap.add_argument('--quick', action='store_true', help='fewer repetitions and epochs (about 5 minutes)')
     ap.add_argument('--only', nargs='*', help='run only these result keys (for debugging; RESULTS.md then lacks the rest)')
+    ap.add_argument('--render', metavar='RESULTS_JSON', help="rewrite RESULTS.md from an earlier run's results.json; measure nothing")
     a = ap.parse_args(argv)
-    ensure_env()
-    logs = Path(tempfile.mkdtemp(prefix='mpify-bench-logs-'))
-    R, t0 = {}, time.perf_counter()
-    for key, task, params in plan(a.quick):
-        if a.only and key not in a.only: continue
-        print(f'[{time.perf_counter() - t0:6.0f} s] {key} {params}', flush=True)
-        R[key] = run_task(task, params, logs, timeout=300 if a.quick else 420)
-        if 'error' in R[key]: print(f"  failed ({R[key]['error']}):\n    " + '\n    '.join(R[key]['log_tail']), flush=True)
-    table = write_results(build_table(R), R, a.quick, time.perf_counter() - t0)
-    print(table)
-    print(f'\nwrote {RESULTS} in {time.perf_counter() - t0:.0f} s; child logs in {logs}')
+    if a.render:
+        saved = json.loads(Path(a.render).read_text())
+        R, meta, logs = saved['results'], saved['meta'], Path(a.render).parent
+    else:
+        ensure_env()
+        logs, t0 = Path(tempfile.mkdtemp(prefix='mpify-bench-logs-')), time.perf_counter()
+        R = measure(a.quick, a.only, logs)
+        meta = dict(quick=a.quick, wall_s=time.perf_counter() - t0, date=time.strftime('%Y-%m-%d %H:%M %Z'), versions=versions())
+        (logs / 'results.json').write_text(json.dumps({'results': R, 'meta': meta}))
+    print(write_results(build_table(R), R, meta))
+    print(f"\nwrote {RESULTS} ({meta['wall_s']:.0f} s of measuring); raw results and child logs in {logs}")
     return 0
 
 if __name__ == '__main__': raise SystemExit(main())

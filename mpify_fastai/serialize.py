@@ -82,13 +82,16 @@ def _identity(x): return x
 class _Pickler(dill.Pickler):
     """dill Pickler: `__main__` functions recorded (their globals get shipped), tensors by `mode`:
     'segment' (large storages into `segment`), 'value' (inline, portable) or 'dry' (empty placeholders)."""
-    def __init__(self, file, mode: str = 'segment', segment: _Segment | None = None):
+    def __init__(self, file, mode: str = 'segment', segment: _Segment | None = None, main_classes_by_name: bool = False):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL, recurse=False, byref=False)
         self.mode,self.segment,self.main_funcs,self.offsets,self.inline = mode,segment,[],{},{}
+        self.by_name = main_classes_by_name
         self.torch,self.main = sys.modules.get('torch'),_main_dict()
 
     def reducer_override(self, obj):
         t = type(obj)
+        if self.by_name and isinstance(obj, type) and obj.__module__ == '__main__' and self.main.get(obj.__qualname__) is obj:
+            return obj.__qualname__     # the receiver owns this notebook class: keep `isinstance` working there
         if t is types.FunctionType:
             if obj.__globals__ is self.main: self.main_funcs.append(obj)
             return NotImplemented
@@ -159,11 +162,12 @@ class Payload:
 def dumps(obj: Any, need: dict | None = None, ship_globals: bool = True, mode: str = 'segment',
           segment_path: str | None = None) -> Payload:
     """Pickle `obj`, plus `need` (name -> value) and, with `ship_globals`, the notebook globals its `__main__`
-    functions reference. Large CPU tensors go to the file `segment_path` (mode 'segment'). Load with `loads`."""
+    functions reference; without it (a worker's result going home) `__main__` classes go by name, since the receiver
+    has them. Large CPU tensors go to the file `segment_path` (mode 'segment'). Load with `loads`."""
     buf = io.BytesIO()
     seg = _Segment(segment_path) if mode == 'segment' and segment_path and 'torch' in sys.modules else None
     try:
-        p = _Pickler(buf, mode=mode, segment=seg)
+        p = _Pickler(buf, mode=mode, segment=seg, main_classes_by_name=not ship_globals)
         p.dump(obj)
         shipped, todo = set(), dict(need or {})
         while ship_globals or todo:

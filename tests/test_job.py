@@ -13,7 +13,8 @@ import pytest
 import helpers
 
 TESTS = Path(__file__).resolve().parent
-TORCHRUN = Path(sys.executable).with_name('torchrun')
+_SCRIPT = Path(sys.executable).with_name('torchrun')
+TORCHRUN = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, '-m', 'torch.distributed.run']
 LR = 1e-2
 
 pytestmark = pytest.mark.usefixtures('no_leftovers', 'no_strays')
@@ -53,16 +54,18 @@ def torchrun(runs: list[tuple[list[str], Path]], log_dir: Path, timeout: float =
         for i, (args, cwd) in enumerate(runs):
             log = log_dir / f'torchrun-{i}.log'
             with open(log, 'wb') as f:
-                procs.append((subprocess.Popen([str(TORCHRUN), *args], cwd=cwd, env=env or run_env(), stdout=f,
+                procs.append((subprocess.Popen([*TORCHRUN, *args], cwd=cwd, env=env or run_env(), stdout=f,
                                                stderr=subprocess.STDOUT, start_new_session=True), log))
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         while time.monotonic() < deadline and any(p.poll() is None for p, _ in procs):
             if any(p.returncode for p, _ in procs):   # one failed: give the others a little time, not the rendezvous timeout
                 deadline = min(deadline, time.monotonic() + 30)
             time.sleep(0.2)
         outs = [(p.returncode, helpers.strip_ansi(log.read_text(errors='replace'))) for p, log in procs]
-        late = [out for (p, _), (rc, out) in zip(procs, outs) if rc is None]
-        assert not late, f"torchrun still running after {timeout} s; its output:\n" + '\n-----\n'.join(o[-5000:] for o in late)
+        assert all(rc is not None for rc, _ in outs), (f"torchrun still running {time.monotonic() - start:.0f} s after its start "
+            f"(limit {timeout} s, or 30 s after another one failed); exit codes {[rc for rc, _ in outs]}, outputs:\n"
+            + '\n-----\n'.join(o[-5000:] for _, o in outs))
         return outs
     finally:
         for p, _ in procs:
@@ -82,7 +85,7 @@ def _strays(root: str) -> list[dict]:
         try: cwd = os.readlink(f'/proc/{d}/cwd')
         except OSError: cwd = ''
         cmd = helpers._cmdline(int(d))
-        if cwd == root or cwd.startswith(root + os.sep) or root in cmd: out.append(dict(pid=int(d), cwd=cwd, cmdline=cmd))
+        if cwd == root or cwd.startswith(root + os.sep) or root + os.sep in cmd: out.append(dict(pid=int(d), cwd=cwd, cmdline=cmd))
     return out
 
 @pytest.fixture

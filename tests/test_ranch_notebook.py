@@ -47,7 +47,8 @@ def test_notebook_function_lambda_class_global():
         'BONUS = 5',
         ('res = ranch(2, work, 3, need="BONUS", imports="from fractions import Fraction")\n'
          'assert "Fraction" not in globals(), "imports= must not touch the notebook"\n'
-         'assert type(res[1][4]).__name__ == "Acc" and res[1][4].items == [16, 5] and res[1][4].total() == 210'),
+         'assert isinstance(res[1][4], Acc), "a notebook class returned from a worker is the notebook\'s class"\n'
+         'assert res[1][4].items == [16, 5] and res[1][4].total() == 210'),
         'import json; print(json.dumps([[r, t, str(f), name] for r, t, f, name, _ in res]))',
         CHILDREN + 'print(json.dumps(live_children()))',
     ]
