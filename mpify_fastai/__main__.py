@@ -11,8 +11,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument('--result', required=True, help='where rank 0 writes the trained result (atomically)')
     r.add_argument('--checkpoint', help='per-epoch checkpoint for resuming after a restart (default: RESULT.ckpt)')
     a = p.parse_args(argv)
-    from .job import JobFileError, run_job
-    try: run_job(a.job, a.result, a.checkpoint)
+    from .jobfile import JobFileError, check_job_file, check_result_path
+    try:
+        check_job_file(a.job); check_result_path(a.result)      # before importing torch/fastai: refuse at once
+        from .job import run_job
+        run_job(a.job, a.result, a.checkpoint)
     except JobFileError as e:
         print(f"mpify_fastai: {e}", file=sys.stderr)
         return 2

@@ -8,22 +8,20 @@ A job file is a pickle: loading it runs code. Only run job files you made; the r
 others can write to.
 """
 from __future__ import annotations
-import io, os, stat, sys
+import io, os, sys
 from pathlib import Path
 from typing import Callable
 from fastai.learner import Learner
 from fastcore.basics import noop, patch
 from fastcore.foundation import L
 from .imports import parse_imports, run_imports
+from .jobfile import JobFileError, check_job_file, check_result_path, job_digest
 from .serialize import dumps, loads
 
-__all__ = ['save_job', 'load_ddp_job', 'run_job', 'JobFileError', 'RESUMABLE']
+__all__ = ['save_job', 'load_ddp_job', 'run_job', 'RESUMABLE']
 
 JOB_VERSION = 1
 RESUMABLE = ('fit', 'fit_one_cycle', 'fit_flat_cos', 'fit_sgdr')   # schedules that take start_epoch
-
-class JobFileError(RuntimeError):
-    "A job file that is unsafe or unreadable."
 
 def _atomic_write(path: Path, data: bytes, mode: int = 0o600):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -47,26 +45,23 @@ def save_job(source: Learner | Callable[[], Learner], path: str | os.PathLike, *
     _atomic_write(path, head + dumps(job, need=_need_dict(need), mode='value').data)
     return path
 
-def _check_job_file(path: Path):
-    try: st = path.stat()
-    except FileNotFoundError: raise JobFileError(f"job file {path} does not exist") from None
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise JobFileError(f"refusing job file {path}: it is writable by group or others (mode {stat.filemode(st.st_mode)}), "
-                           f"and loading a job runs its code. Fix with: chmod go-w {path}")
-
 def load_ddp_job(path: str | os.PathLike) -> dict:
-    "Load a job file after checking nobody else can have changed it; its imports run in this `__main__` first."
+    """Load a job file after checking nobody else can have changed it; its imports run in this `__main__` first.
+    The job's `digest` identifies its bytes (checkpoints record it)."""
     import pickle
-    path = Path(path)
-    _check_job_file(path)
-    try: f = io.BytesIO(path.read_bytes())
+    path = check_job_file(path)
+    try: data = path.read_bytes()
     except OSError as e: raise JobFileError(f"cannot read job file {path}: {e.strerror or e}") from None
+    f = io.BytesIO(data)
     try: head = pickle.load(f)
     except Exception as e: raise JobFileError(f"{path} is not an mpify_fastai job file ({e})") from None
     if not isinstance(head, dict) or head.get('version') != JOB_VERSION:
         raise JobFileError(f"{path} is not an mpify_fastai job file of version {JOB_VERSION}")
     run_imports(head['imports'], sys.modules['__main__'].__dict__)
-    return loads(f.read())
+    try: job = loads(f.read())
+    except Exception as e: raise JobFileError(f"job file {path} is damaged: {type(e).__name__}: {e}") from None
+    if not isinstance(job, dict) or 'source' not in job: raise JobFileError(f"{path} holds no mpify_fastai job")
+    return {**job, 'digest': job_digest(data)}
 
 def _merged_history(hist: dict, old: dict, done: int) -> dict:
     """The history of a resumed fit (`hist`, as `learner_result` gives it) with the `done` epochs of the checkpoint's
@@ -87,7 +82,7 @@ def _resume_kwargs(method: str, kwargs: dict, start_epoch: int) -> dict:
         kwargs['cbs'] = L(kwargs.get('cbs')) + [SkipToEpoch(start_epoch)]
     return kwargs
 
-def _job_callbacks(rank: int, checkpoint: Path, resume: dict | None):
+def _job_callbacks(rank: int, checkpoint: Path, resume: dict | None, digest: str):
     from fastai.callback.core import Callback
     from .learner import learner_result
     done = resume['completed_epoch'] + 1 if resume else 0
@@ -102,7 +97,7 @@ def _job_callbacks(rank: int, checkpoint: Path, resume: dict | None):
             import torch
             res = learner_result(self.learn)
             if resume: res['recorder'] = _merged_history(res['recorder'], resume['recorder'], done)
-            res['completed_epoch'] = self.epoch
+            res['completed_epoch'], res['job_digest'] = self.epoch, digest
             buf = io.BytesIO(); torch.save(res, buf)
             _atomic_write(checkpoint, buf.getvalue())
 
@@ -118,6 +113,16 @@ def _job_callbacks(rank: int, checkpoint: Path, resume: dict | None):
             rec.losses = [x if isinstance(x, torch.Tensor) else torch.tensor(x) for x in hist['losses']]
     return [JobCheckpoint(), ResumeHistory()]
 
+def _own_checkpoint(checkpoint: Path, job: dict) -> dict | None:
+    "The checkpoint to resume from: one this very job wrote, for a schedule that can skip epochs; else None."
+    import torch
+    if job['method'] not in RESUMABLE or not checkpoint.exists(): return None
+    ck = torch.load(checkpoint, weights_only=False)
+    if ck.get('job_digest') != job['digest']:
+        print(f"mpify_fastai: ignoring {checkpoint}: another job wrote it; starting from epoch 0", flush=True)
+        return None
+    return ck
+
 def run_job(path: str | os.PathLike, result: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> None:
     """Worker side, one process per rank under torchrun: train the job, rank 0 writes `result` atomically.
     Resumes from `checkpoint` (default `<result>.ckpt`) when a restarted group finds one."""
@@ -126,7 +131,7 @@ def run_job(path: str | os.PathLike, result: str | os.PathLike, checkpoint: str 
     from .ddp import TorchDDPCtx, rank_world
     from .learner import RANK0_ONLY_CALLBACKS, _is_cb, apply_result, learner_result
     import fastai.callback.schedule  # noqa: F401
-    result = Path(result)
+    result = check_result_path(result)
     checkpoint = Path(checkpoint) if checkpoint else result.with_name(result.name + '.ckpt')
     job = load_ddp_job(path)
     with TorchDDPCtx():
@@ -139,14 +144,14 @@ def run_job(path: str | os.PathLike, result: str | os.PathLike, checkpoint: str 
                 if _is_cb(cb, RANK0_ONLY_CALLBACKS): learn.remove_cb(cb)
         kwargs = dict(job['kwargs'])
         if rank and kwargs.get('cbs') is not None: kwargs['cbs'] = [cb for cb in L(kwargs['cbs']) if not _is_cb(cb, RANK0_ONLY_CALLBACKS)]
-        state = [torch.load(checkpoint, weights_only=False) if rank == 0 and checkpoint.exists() and job['method'] in RESUMABLE else None]
+        state = [_own_checkpoint(checkpoint, job) if rank == 0 else None]
         if world > 1: dist.broadcast_object_list(state, 0)
         resume = state[0]
         if resume is not None:
             apply_result(learn, resume)
             kwargs = _resume_kwargs(job['method'], kwargs, resume['completed_epoch'] + 1)
             if rank == 0: print(f"mpify_fastai: resuming from {checkpoint} after epoch {resume['completed_epoch']}", flush=True)
-        cbs = [DistributedRunner(sync_bn=job['sync_bn'], **job['ddp_kwargs'])] + _job_callbacks(rank, checkpoint, resume)
+        cbs = [DistributedRunner(sync_bn=job['sync_bn'], **job['ddp_kwargs'])] + _job_callbacks(rank, checkpoint, resume, job['digest'])
         with learn.added_cbs(cbs): getattr(learn, job['method'])(*job['args'], **kwargs)
         if rank == 0:
             buf = io.BytesIO(); torch.save(learner_result(learn), buf)

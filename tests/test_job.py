@@ -213,7 +213,7 @@ def test_load_refuses_writable_job_before_running_anything(tmp_path, mode):
         load_ddp_job(job)
     assert not marker.exists(), "the payload ran although the file was refused"
     os.chmod(job, 0o600)   # the same file, private: it is loaded (which is why the check must come first)
-    load_ddp_job(job)
+    with pytest.raises(JobFileError, match='holds no mpify_fastai job'): load_ddp_job(job)
     assert marker.exists()
 
 def test_load_gives_clear_errors_for_what_is_not_a_job(tmp_path):
@@ -223,7 +223,7 @@ def test_load_gives_clear_errors_for_what_is_not_a_job(tmp_path):
     (tmp_path / 'folder').mkdir()
     for name in ('list.pkl', 'old.pkl'): os.chmod(tmp_path / name, 0o600)
     for name, msg in [('missing.pkl', 'does not exist'), ('list.pkl', 'is not an mpify_fastai job file'),
-                      ('old.pkl', 'is not an mpify_fastai job file of version 1'), ('folder', 'cannot read job file')]:
+                      ('old.pkl', 'is not an mpify_fastai job file of version 1'), ('folder', 'is not a regular file')]:
         with pytest.raises(JobFileError, match=msg): load_ddp_job(tmp_path / name)
 
 def _tiny_learner():
@@ -330,3 +330,26 @@ def test_job_from_script_main_runs_elsewhere(tmp_path):
     import torch
     assert 'pct_correct' in torch.load(work / 'result.pth', weights_only=False)['recorder']['metric_names']
     load_and_validate(digits_learner(), work / 'result.pth', 2, loss_scale=2.0, metric_scale=100.0)
+
+
+def test_checkpoint_of_another_job_is_not_resumed(tmp_path):
+    "A checkpoint left by an earlier, different job under the same --result is ignored, not loaded into this job."
+    import torch
+    from mpify_fastai.job import _own_checkpoint
+    ck = tmp_path / 'result.pth.ckpt'
+    torch.save({'completed_epoch': 1, 'job_digest': 'a' * 64}, ck)
+    assert _own_checkpoint(ck, {'method': 'fit', 'digest': 'b' * 64}) is None
+    assert _own_checkpoint(ck, {'method': 'fit', 'digest': 'a' * 64})['completed_epoch'] == 1
+    assert _own_checkpoint(ck, {'method': 'fine_tune', 'digest': 'a' * 64}) is None   # cannot skip epochs: starts over
+    assert _own_checkpoint(tmp_path / 'none.ckpt', {'method': 'fit', 'digest': 'a' * 64}) is None
+
+def test_cli_refuses_missing_result_folder_at_once(tmp_path):
+    "A --result in a folder that does not exist is refused before any training (and before torch is imported)."
+    import subprocess, sys, time
+    job = tmp_path / 'job.pkl'
+    job.write_bytes(pickle.dumps({'version': 1, 'imports': ''})); os.chmod(job, 0o600)
+    t = time.monotonic()
+    r = subprocess.run([sys.executable, '-m', 'mpify_fastai', 'run', str(job), '--result', str(tmp_path / 'no' / 'r.pth')],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 2 and 'does not exist' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    assert time.monotonic() - t < 8, "refusal should not wait for torch/fastai to import"
