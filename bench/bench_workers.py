@@ -42,7 +42,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 def scratch_dir() -> str:
-    return tempfile.mkdtemp(prefix='mpify-bench-', dir='/dev/shm' if os.access('/dev/shm', os.W_OK) else None)
+    return tempfile.mkdtemp(prefix='bench-payload-', dir='/dev/shm' if os.access('/dev/shm', os.W_OK) else None)
 
 # ---------------------------------------------------------------- functions run by workers
 
@@ -63,13 +63,15 @@ def state_sizes(nbytes: int, parts: int = STATE_PARTS) -> list[int]:
 
 # ---------------------------------------------------------------- figure 1: launch latency
 
-def task_launch_ours(later: int, spawn: int, torch_spawn: int, fastai_spawn: int) -> dict:
+def task_launch_ours(later: int, spawn: int, torch_spawn: int, fastai_spawn: int, setup_s: float = 0.) -> dict:
     """In a fresh notebook-like process: the first `ranch(2, f)` (starts the warm server), `later` more, then
     `ranch(..., start_method='spawn')`, `torch.multiprocessing.start_processes(spawn)`, and spawn of a function
-    that imports fastai (what a training function needs)."""
-    out = {'import_s': import_like_notebook()}
+    that imports fastai (what a training function needs). `setup_s`: seconds of notebook work (building data and
+    model) between `import mpify_fastai`, which starts the warm server in the background, and the first launch."""
+    out = {'import_s': import_like_notebook(), 'setup_s': setup_s}
     from torch.multiprocessing import start_processes
     from mpify_fastai import ranch
+    time.sleep(setup_s)
     f, g = notebook_def(TRIVIAL_SRC), notebook_def(FASTAI_SRC)
     def run(fn, **kw):
         s, res = timed(ranch, 2, fn, **kw)

@@ -29,14 +29,17 @@ def _parent_sites() -> list[str]:
     return list(dict.fromkeys([sysconfig.get_paths()['purelib'], sysconfig.get_paths()['platlib'], *site.getsitepackages()]))
 
 def _make_env() -> None:
-    "Create bench/.venv on top of this interpreter's packages and install the peers into it."
+    "Create bench/.venv on top of this interpreter's packages and install the peers into it (marked done only if that worked)."
     print(f"creating {VENV} (peers: {', '.join(PEERS)})", flush=True)
     subprocess.check_call([sys.executable, '-m', 'venv', '--clear', str(VENV)])
     purelib = subprocess.check_output([str(_venv_python()), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
                                       text=True).strip()
     lines = [f'import site; site.addsitedir({p!r})' for p in _parent_sites()]   # addsitedir: their .pth files (editable installs) count too
     Path(purelib, '_bench_parent_env.pth').write_text('\n'.join(lines) + '\n')
-    subprocess.check_call([str(_venv_python()), '-m', 'pip', 'install', '-q', '--disable-pip-version-check', *PEERS])
+    try: subprocess.check_call([str(_venv_python()), '-m', 'pip', 'install', '-q', '--disable-pip-version-check', *PEERS])
+    except subprocess.CalledProcessError:   # no registry: measure what we can, the peers' rows say they failed
+        print(f"could not install {', '.join(PEERS)}; their figures will be reported as failed", flush=True)
+        return
     (VENV / 'bench-parent').write_text(sys.executable)
 
 def ensure_env() -> None:
@@ -52,13 +55,14 @@ def plan(quick: bool) -> list[tuple[str, str, dict]]:
     "(result key, task, parameters) in the order they run."
     if quick:
         return [('launch_ours', 'launch_ours', dict(later=5, spawn=1, torch_spawn=1, fastai_spawn=1)),
+                ('launch_ours_2', 'launch_ours', dict(later=1, spawn=0, torch_spawn=0, fastai_spawn=0, setup_s=15.)),
                 ('launch_accelerate', 'launch_accelerate', dict(calls=6)),
                 ('payload', 'payload', dict(reps=1)),
                 ('train', 'train', dict(epochs=3, rounds=1, fit1_later=1)),
                 ('return', 'return', dict(sizes=[100 * MB, 1024 * MB], reps=3))]
     return [('launch_ours', 'launch_ours', dict(later=7, spawn=3, torch_spawn=2, fastai_spawn=2)),
             ('launch_accelerate', 'launch_accelerate', dict(calls=8)),
-            ('launch_ours_2', 'launch_ours', dict(later=1, spawn=0, torch_spawn=0, fastai_spawn=0)),
+            ('launch_ours_2', 'launch_ours', dict(later=1, spawn=0, torch_spawn=0, fastai_spawn=0, setup_s=15.)),
             ('payload', 'payload', dict(reps=2)),
             ('train', 'train', dict(epochs=3, rounds=2, fit1_later=2)),
             ('return', 'return', dict(sizes=[100 * MB, 1024 * MB], reps=5))]
@@ -112,11 +116,28 @@ def ratio(a: float, b: float, floor: tuple[str, float] | None = None) -> str:
         text += f" (floor {op} {lim:g}: {'met' if ok else '**MISSED**'})"
     return text
 
-FIRST_CALL_CAUSE = ("the first call starts the warm server, which imports torch and fastai.basics (with fastai's schedule "
-    "and mpify's callback) before it forks anything; a spawned worker that runs a trivial function imports neither. Any "
+FIRST_CALL_CAUSE = ("`import mpify_fastai` starts the warm server in the background; a launch made before it is ready waits "
+    "for it to import torch and fastai.basics (with fastai's schedule, mpify's callback and torch._dynamo, which DDP needs); "
+    "a spawned worker that runs a trivial function imports neither. Any "
     "function that needs fastai pays that import under spawn, in every worker, on every call: see the row against spawn "
     "of a function importing `fastai.basics`.")
-EFFICIENCY_CAUSE = "see Diagnostics below."
+
+def efficiency_cause(R: dict) -> str:
+    "Why the DDP-efficiency floor was missed, from this run's numbers."
+    t, load = R['train'], R['train']['loadavg']
+    e = lambda k: med(steady(t[k]))
+    eff = lambda ddp, one: e(one) / e(ddp)
+    busy = (f"the machine had no spare core (1-minute load {min(load):.1f}-{max(load):.1f} on {t['cores']} cores), so two "
+            "processes could not go twice as fast as one for either loop, and " if min(load) >= t['cores'] else
+            f"the machine was shared (1-minute load {min(load):.1f}-{max(load):.1f} on {t['cores']} cores), and ")
+    return (busy + "the 2-thread single-process baselines were "
+            f"{'oversubscribed' if e('raw_single') > e('raw_single_1t') else 'measured'}: the hand-written loop took {s(e('raw_single'))} per epoch with 2 threads and {s(e('raw_single_1t'))} "
+            f"with 1, local `fit` {s(e('local'))} and {s(e('local_1t'))}. They suffer unequally, which decides this ratio. Against "
+            f"1-thread baselines (control row) the efficiencies are {eff('ddp', 'local_1t'):.2f} (ours) and "
+            f"{eff('raw_ddp', 'raw_single_1t'):.2f} (hand-written), a ratio of "
+            f"{eff('ddp', 'local_1t') / eff('raw_ddp', 'raw_single_1t'):.2f}. Per-epoch work that only `fit_ddp` does (rank 0's "
+            "checkpoint file and a barrier at every epoch end, a broadcast of BatchNorm buffers and an all-reduce of the "
+            "metrics at every validation) may add to it; it was not timed separately. Rerun on an idle machine to judge the floor.")
 RETURN_CAUSE = ("the worker copies the tensors into the /dev/shm segment file (one copy, with tmpfs page allocation), "
     "the caller maps it copy-on-write; a loaded machine stretches the copy and the worker's exit that `ranch` waits for.")
 
@@ -128,12 +149,15 @@ class Table:
         loads = [x for k in keys for x in self.results.get(k, {}).get('loadavg', [])]
         cores = os.cpu_count()
         return f'{cores}-core CPU, load {min(loads):.1f}-{max(loads):.1f}' if loads else f'{cores}-core CPU'
-    def add(self, figure: str, keys: tuple, make, cause: str | None = None) -> None:
-        """Append `figure` with the cells `make()` returns (ours, peer, ratio), or a failure note; `cause` is the likely
-        reason, written out if the row misses its floor."""
+    def add(self, figure: str, keys: tuple, make, cause=None) -> None:
+        """Append `figure` with the cells `make()` returns (ours, peer, ratio), or a failure note; `cause` (text, or a
+        function returning it) is the likely reason, written out if the row misses its floor."""
         if cause: self.causes[figure] = cause
-        bad = [k for k in keys if k not in self.results or 'error' in self.results[k]]
-        if bad: self.rows.append((figure, 'not measured', 'not measured', f"failed: {', '.join(bad)}", self.machine(*keys))); return
+        missing = [k for k in keys if k not in self.results]
+        bad = [k for k in keys if k in self.results and 'error' in self.results[k]]
+        if missing or bad:
+            why = f"failed: {', '.join(bad)}" if bad else f"not run: {', '.join(missing)}"
+            self.rows.append((figure, 'not measured', 'not measured', why, self.machine(*keys))); return
         try: ours, peer, rat = make()
         except (KeyError, ValueError, ZeroDivisionError, statistics.StatisticsError) as e:
             ours, peer, rat = 'not measured', 'not measured', f'failed: {type(e).__name__}: {e}'
@@ -142,11 +166,14 @@ class Table:
 def launch_rows(T: Table, R: dict) -> None:
     "Figure 1: launch latency of a trivial function on 2 processes."
     ours = lambda k: R['launch_ours'][k]
-    firsts = lambda: [R[k]['first_s'] for k in ('launch_ours', 'launch_ours_2') if k in R and 'error' not in R[k]]
+    firsts = lambda: [R['launch_ours']['first_s']]
     row = lambda a, b, floor=None: (s(med(a)), s(med(b)), ratio(med(a), med(b), floor))
     lo = ('launch_ours',)
-    T.add('1. Launch trivial fn on 2 procs, first call of a session (warm server start) vs `ranch(start_method="spawn")`', lo,
-          lambda: row(firsts(), ours('spawn_s'), ('<=', 1)), cause=FIRST_CALL_CAUSE)
+    T.add('1. Launch trivial fn on 2 procs, first call 15 s after `import mpify_fastai` (notebook setup; server pre-warmed '
+          'in the background) vs `ranch(start_method="spawn")`', ('launch_ours', 'launch_ours_2'),
+          lambda: row([R['launch_ours_2']['first_s']], ours('spawn_s'), ('<=', 1)), cause=FIRST_CALL_CAUSE)
+    T.add('1. Launch, first call right after `import mpify_fastai` (waits for the server to finish importing torch/fastai) '
+          'vs `ranch(start_method="spawn")`', lo, lambda: row(firsts(), ours('spawn_s'), ('<=', 1)), cause=FIRST_CALL_CAUSE)
     T.add('1. Launch, first call vs `torch.multiprocessing.start_processes(spawn)`', lo, lambda: row(firsts(), ours('torch_spawn_s')))
     T.add('1. Launch, first call vs spawn of a function that imports `fastai.basics`', lo, lambda: row(firsts(), ours('spawn_fastai_s')))
     T.add('1. Launch, later calls (median) vs accelerate `notebook_launcher(f, num_processes=2)` (fork, later calls)',
@@ -174,7 +201,7 @@ def training_rows(T: Table, R: dict) -> None:
     T.add('3. Training samples/s, 1 process (2 threads): local `learn.fit` vs hand-written loop', tr, lambda: pair('local', 'raw_single'))
     T.add('3. Training samples/s, DDP 2 procs x 1 thread (gloo): `fit_ddp` vs hand-written DDP loop', tr, lambda: pair('ddp', 'raw_ddp'))
     T.add('3. DDP efficiency (DDP samples/s / 1-process 2-thread samples/s): ours vs hand-written', tr,
-          lambda: effs('local', 'raw_single', ('>=', 0.9)), cause=EFFICIENCY_CAUSE)
+          lambda: effs('local', 'raw_single', ('>=', 0.9)), cause=lambda: efficiency_cause(R))
     T.add('3. Control: training samples/s, 1 process with 1 thread: local `learn.fit` vs hand-written loop', tr,
           lambda: pair('local_1t', 'raw_single_1t'))
     T.add('3. Control: DDP efficiency against 1-thread 1-process runs: ours vs hand-written', tr, lambda: effs('local_1t', 'raw_single_1t'))
@@ -211,9 +238,10 @@ def diagnostics(R: dict) -> list[str]:
               "is the fairer comparison." if e('raw_single') > e('raw_single_1t') else
               "Two threads helped, as they should on an idle machine."),
            f"- DDP construction: in each warm `in_torchddp` worker the first `DistributedDataParallel(model)` took "
-           f"{', '.join(s(c[0]) for c in ctor)} and a second one {', '.join(s(c[1]) for c in ctor)} (rank 0, rank 1). The first "
-           "construction in a process imports `torch._dynamo` (with sympy; seen with `python -X importtime`), which the warm "
-           "server does not preload, so every `fit_ddp` call pays it in every worker.",
+           f"{', '.join(s(c[0]) for c in ctor)} and a second one {', '.join(s(c[1]) for c in ctor)} (rank 0, rank 1; one "
+           "measurement, at another moment than the `fit_ddp` calls: single timings on this shared machine vary up to 2x). The first "
+           "construction in a process imports `torch._dynamo` (~900 modules with sympy; seen with `python -X importtime`); "
+           "the warm server preloads it when fastai is in use, so a warm worker constructs DDP in milliseconds.",
            f"- One epoch is {s(e('ddp'))} under `fit_ddp` and {s(e('local'))} locally (steady state); what a later "
            f"`fit_ddp(1)` adds is the launch ({s(med(lo['later_s'])) if 'later_s' in lo else '?'} for a trivial function), "
            f"serializing the Learner ({s(med(pay['ours_dump_s'])) if 'ours_dump_s' in pay else '?'}), building the process "
@@ -260,10 +288,13 @@ numbers are inflated and noisy.
    (`Learner(digits_dls(), digits_cnn(), loss_func=CrossEntropyLossFlat(), metrics=accuracy)`).
 3. Throughput: an `EpochTimer` callback (rank 0) records each epoch's wall time (training on the 1,436 training
    images + validation on 361); samples/s = 1,436 / median epoch time, over every epoch but the first of each
-   run, runs of local `fit` and `fit_ddp(nprocs=2)` alternating. The hand-written loop (bench_workers.raw_worker:
-   `DataLoader` + `DistributedSampler`, bs 64 per process, drop_last, AdamW like fastai's default, gloo over a
-   file store, sharded validation all-reduced) runs on 2 spawned processes with 1 thread each and on 1 spawned
-   process with 2 threads. DDP efficiency = DDP samples/s / 1-process samples/s; the figure is ours / hand-written.
+   run. The hand-written loop (bench_workers.raw_worker: `DataLoader` + `DistributedSampler`, bs 64 per process,
+   drop_last, AdamW like fastai's default, gloo over a file store, sharded validation all-reduced) runs on 2
+   spawned processes with 1 thread each and on 1 spawned process with 2 threads. Every round runs, in the same
+   child: local `fit` (torch's default 2 threads), `fit_ddp(nprocs=2)` (1 thread per worker), the hand-written
+   loop on 1 process and on 2, and, as a control for thread oversubscription, local `fit` and the hand-written
+   loop on 1 process with 1 thread. DDP efficiency = DDP samples/s / 1-process samples/s; the figure is ours /
+   hand-written.
 4. `fit_ddp(1, nprocs=2)` wall time: the session's first call (includes starting the warm server) and later
    calls, vs local `fit(1)` (its first call in the process, and later ones), same Learner.
 5. Result return: `ranch(1, make_and_return, nbytes, gather=0)`; the worker builds an 8-tensor float32
@@ -273,7 +304,7 @@ numbers are inflated and noisy.
 
 Not measured: the per-epoch overhead of the progress relay. Rank 0 sends a handful of events per epoch (epoch
 start, one per bar start, batch updates throttled to one per 0.2 s, one table row), but a clean A/B needs a switch
-in the package to drop them; timing the difference would also be below this shared machine's noise.
+in the package to drop them, and the difference would likely be below this shared machine's noise.
 """
 
 def floors_note(T: Table) -> str:
@@ -282,6 +313,7 @@ def floors_note(T: Table) -> str:
     lines = []
     for r in missed:
         cause = T.causes.get(r[0], '')
+        if callable(cause): cause = cause()
         lines.append(f'- Floor missed: {r[0]}: ours {r[1]}, peer {r[2]}, {r[3]}.' + (f' Likely cause: {cause}' if cause else ''))
     for r in failed: lines.append(f'- Not measured: {r[0]} ({r[3]}).')
     return '\n'.join(lines) if lines else '- Every floor was met and every figure was measured.'

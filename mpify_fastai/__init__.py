@@ -20,3 +20,6 @@ __all__ = ['ranch', 'in_torchddp', 'TorchDDPCtx', 'rank_world', 'local_rank', 'l
 
 import sys as _sys
 if 'fastai.learner' in _sys.modules: from . import learner as _learner   # adds Learner.fit_ddp / Learner.ddp
+if 'torch' in _sys.modules:
+    from .warm import prewarm as _prewarm
+    _prewarm()     # start the warm launcher now, in the background: the session's first launch finds it ready

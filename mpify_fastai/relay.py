@@ -6,6 +6,8 @@ in a terminal, the console version. Workers never draw anything themselves.
 from __future__ import annotations
 import time
 from typing import Any
+from fastai.callback.core import Callback
+from .launch import send_event
 
 __all__ = ['ProgressEvents', 'ProgressDisplay']
 
@@ -13,40 +15,31 @@ _BATCH_EVERY = 0.2   # seconds between batch updates sent from the worker
 
 def _fmt(log) -> list[str]: return [f'{v:.6f}' if isinstance(v, float) else str(v) for v in log]
 
-def _progress_events_cls():
-    from fastai.callback.core import Callback
-    from .launch import send_event
-
-    class ProgressEvents(Callback):
-        "Rank 0's stand-in for `ProgressCallback`: sends what it would draw to the caller."
-        order = 60
-        def before_fit(self):
-            self.old_logger, self.learn.logger, self.sent = self.learn.logger, self._row, 0
-            send_event('progress', 'fit', self.n_epoch, _fmt(self.recorder.metric_names))
-        def before_epoch(self): send_event('progress', 'epoch', self.epoch)
-        def before_train(self): self._bar()
-        def before_validate(self): self._bar()
-        def _bar(self):
-            self.last = 0.
-            send_event('progress', 'bar', len(self.dl))
-        def after_batch(self):
-            now = time.monotonic()
-            if now - self.last >= _BATCH_EVERY or self.iter + 1 == self.n_iter:
-                self.last = now
-                loss = float(self.smooth_loss) if self.training and hasattr(self, 'smooth_loss') else None
-                send_event('progress', 'batch', self.iter + 1, loss)
-        def _row(self, log):
-            rec = self.recorder
-            new, self.sent = [float(l) for l in rec.losses[self.sent:]], len(rec.losses)
-            send_event('progress', 'row', _fmt(log), new, float(rec.values[-1][1]) if rec.values and len(rec.values[-1]) > 1 else None)
-        def after_fit(self):
-            self.learn.logger = self.old_logger
-            send_event('progress', 'end')
-    return ProgressEvents
-
-def __getattr__(name):
-    if name == 'ProgressEvents': return _progress_events_cls()
-    raise AttributeError(name)
+class ProgressEvents(Callback):
+    "Rank 0's stand-in for `ProgressCallback`: sends what it would draw to the caller."
+    order = 60
+    def before_fit(self):
+        self.old_logger, self.learn.logger, self.sent = self.learn.logger, self._row, 0
+        send_event('progress', 'fit', self.n_epoch, _fmt(self.recorder.metric_names))
+    def before_epoch(self): send_event('progress', 'epoch', self.epoch)
+    def before_train(self): self._bar()
+    def before_validate(self): self._bar()
+    def _bar(self):
+        self.last = 0.
+        send_event('progress', 'bar', len(self.dl))
+    def after_batch(self):
+        now = time.monotonic()
+        if now - self.last >= _BATCH_EVERY or self.iter + 1 == self.n_iter:
+            self.last = now
+            loss = float(self.smooth_loss) if self.training and hasattr(self, 'smooth_loss') else None
+            send_event('progress', 'batch', self.iter + 1, loss)
+    def _row(self, log):
+        rec = self.recorder
+        new, self.sent = [float(l) for l in rec.losses[self.sent:]], len(rec.losses)
+        send_event('progress', 'row', _fmt(log), new, float(rec.values[-1][1]) if rec.values and len(rec.values[-1]) > 1 else None)
+    def after_fit(self):
+        self.learn.logger = self.old_logger
+        send_event('progress', 'end')
 
 class ProgressDisplay:
     """Caller side: turns rank 0's progress events into a fastprogress master bar and table (HTML in Jupyter),
