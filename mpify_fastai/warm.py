@@ -24,11 +24,13 @@ def warm_preload() -> tuple[str, ...]:
     return tuple(mods)
 
 def _server_alive() -> bool:
-    fs = forkserver._forkserver
-    pid = getattr(fs, '_forkserver_pid', None)
+    "Whether the fork server runs; read from /proc, never by reaping it (multiprocess reaps it itself on restart)."
+    pid = getattr(forkserver._forkserver, '_forkserver_pid', None)
     if pid is None: return False
-    try: return os.waitpid(pid, os.WNOHANG) == (0, 0)
-    except ChildProcessError: return False
+    try:
+        with open(f'/proc/{pid}/stat') as f: state = f.read().rsplit(')', 1)[1].split()[0]
+    except OSError: return False
+    return state not in ('Z', 'X')
 
 def stop_warm_server() -> None:
     "Stop the fork server now (the next warm launch starts a new one)."

@@ -1,0 +1,72 @@
+"""The warm launcher (issue 6): one fork server per session, started in the background on import, restarted if it
+dies, gone with its caller, CUDA-untouched, and fast for every launch after the first."""
+import os, signal, subprocess, sys, textwrap, time
+import pytest
+from helpers import alive, subprocess_env
+
+def _server_pid():
+    from multiprocess import forkserver
+    return getattr(forkserver._forkserver, '_forkserver_pid', None)
+
+def _cuda_state():
+    import torch
+    return torch.cuda.is_initialized(), os.getppid()
+
+def test_later_launches_fork_from_one_server_that_never_touched_cuda():
+    import torch  # noqa: F401  (a torch session: the server preloads what the caller has imported)
+    from mpify_fastai import ranch
+    ranch(2, _cuda_state)                       # the first call may start (or upgrade) the server
+    server = _server_pid()
+    t = time.monotonic()
+    res = ranch(2, _cuda_state)
+    took = time.monotonic() - t
+    assert server is not None and alive(server)
+    assert res == [(False, server), (False, server)], "workers are children of the one server, with no CUDA state"
+    assert took < 3, f"a warm launch took {took:.2f} s"
+
+def test_a_dead_server_is_restarted_by_the_next_launch():
+    from mpify_fastai import ranch
+    ranch(1, _cuda_state)
+    old = _server_pid()
+    os.kill(old, signal.SIGKILL)
+    for _ in range(100):
+        if not alive(old): break
+        time.sleep(0.05)
+    [(cuda, parent)] = ranch(1, _cuda_state)
+    assert parent == _server_pid() != old and alive(parent) and not cuda
+
+SCRIPT = textwrap.dedent('''
+    import os, sys, time
+    import torch                      # a torch session: importing mpify_fastai pre-starts the warm server
+    import mpify_fastai
+    from multiprocess import forkserver
+    if __name__ == '__main__':
+        deadline = time.monotonic() + 60
+        while getattr(forkserver._forkserver, '_forkserver_pid', None) is None and time.monotonic() < deadline: time.sleep(0.05)
+        print(getattr(forkserver._forkserver, '_forkserver_pid', None), flush=True)   # before any launch
+        if sys.argv[1] == 'launch': print(mpify_fastai.ranch(1, os.getpid)[0], flush=True)
+        time.sleep(600)
+''')
+
+@pytest.mark.parametrize('launch', ['idle', 'launch'])
+def test_server_is_prestarted_on_import_and_dies_with_a_killed_caller(tmp_path, launch):
+    script = tmp_path / 'session.py'
+    script.write_text(SCRIPT)
+    p = subprocess.Popen([sys.executable, str(script), launch], stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        server = int(p.stdout.readline())
+        assert alive(server), "import mpify_fastai in a torch session starts the server in the background"
+        if launch == 'launch': int(p.stdout.readline())
+        os.kill(p.pid, signal.SIGKILL); p.wait()
+        deadline = time.monotonic() + 10
+        while alive(server) and time.monotonic() < deadline: time.sleep(0.1)
+        assert not alive(server), "the warm server outlived its SIGKILLed caller"
+    finally:
+        if p.poll() is None: p.kill(); p.wait()
+
+def test_prewarm_can_be_turned_off(tmp_path):
+    code = ("import time, torch, mpify_fastai\nfrom multiprocess import forkserver\ntime.sleep(1)\n"
+            "print(getattr(forkserver._forkserver, '_forkserver_pid', None))")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                       env=subprocess_env(MPIFY_PREWARM='0'))
+    assert r.returncode == 0 and r.stdout.strip() == 'None', r.stderr
