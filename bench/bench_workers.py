@@ -126,7 +126,7 @@ def task_payload(reps: int) -> dict:
 def task_train(epochs: int, rounds: int, fit1_later: int) -> dict:
     """Wall time of `fit_ddp(1)` (first call of the session, then later calls) and local `fit(1)`; how long a warm
     worker's first `DistributedDataParallel(model)` takes; then per-epoch times, alternating in each of `rounds`:
-    local `fit(epochs)`, `fit_ddp(epochs, nprocs=2)`, the hand-written loop on 1 process and with DDP on 2, and
+    local `fit(epochs)`, `fit_ddp(epochs, nprocs=2)` with and without the progress relay, the hand-written loop on 1 process and with DDP on 2, and
     1-thread runs of local `fit` and of the hand-written loop (a control for thread oversubscription)."""
     out = {'import_s': import_like_notebook()}
     import torch
@@ -142,6 +142,7 @@ def task_train(epochs: int, rounds: int, fit1_later: int) -> dict:
     cores, threads = len(os.sched_getaffinity(0)), torch.get_num_threads()
     runs = {'local': lambda: epoch_times(lambda cbs: learn.fit(epochs, cbs=cbs)),
             'ddp': lambda: epoch_times(lambda cbs: learn.fit_ddp(epochs, cbs=cbs, nprocs=2)),
+            'ddp_quiet': lambda: epoch_times(lambda cbs: learn.fit_ddp(epochs, cbs=cbs, nprocs=2, progress=False)),
             'raw_single': lambda: run_raw(1, epochs, cores),
             'raw_ddp': lambda: run_raw(2, epochs, max(1, cores // 2)),
             'local_1t': lambda: with_threads(1, lambda: epoch_times(lambda cbs: learn.fit(epochs, cbs=cbs))),

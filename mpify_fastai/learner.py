@@ -22,7 +22,7 @@ __all__ = ['fit_ddp', 'DDPLauncher', 'apply_result', 'learner_result', 'RANK0_ON
 RANK0_ONLY_CALLBACKS = (CSVLogger, ProgressCallback, ShowGraphCallback)   # side effects that must happen once
 _DRAWN_BY_CALLER = (ProgressCallback, ShowGraphCallback)
 SCHEDULES = ('fit', 'fit_one_cycle', 'fine_tune', 'fit_flat_cos', 'fit_sgdr')
-_LAUNCH_KEYS = ('backend', 'devices', 'start_method', 'timeout', 'need', 'imports', 'output')
+_LAUNCH_KEYS = ('backend', 'devices', 'start_method', 'timeout', 'need', 'imports', 'output', 'progress')
 
 def _is_cb(cb, types) -> bool:
     "`cb` is an instance of `types`, or a callback class among them (fastai accepts both in `cbs`)."
@@ -65,7 +65,8 @@ def apply_result(learn: Learner, res: dict) -> None:
                 if isinstance(v, torch.Tensor): state[k] = v.to(p.device)
     learn.epoch, learn.n_epoch, learn.final_record = res['epoch'], res['n_epoch'], res['final_record']
 
-def _train_in_worker(source, method: str, args: tuple, kwargs: dict, checkpoint: str, sync_bn: bool, ddp_kwargs: dict):
+def _train_in_worker(source, method: str, args: tuple, kwargs: dict, checkpoint: str, sync_bn: bool, ddp_kwargs: dict,
+                     progress: bool = True):
     "Worker side of `fit_ddp`: build or take the Learner, train it under `DistributedRunner`, rank 0 returns the result."
     import fastai.callback.schedule   # noqa: F401  (adds fit_one_cycle, fine_tune, fit_flat_cos, fit_sgdr)
     from .callback import DistributedRunner
@@ -73,12 +74,12 @@ def _train_in_worker(source, method: str, args: tuple, kwargs: dict, checkpoint:
     learn = source if isinstance(source, Learner) else source()
     if not isinstance(learn, Learner): raise TypeError(f"the learner factory returned {type(learn).__name__}, not a Learner")
     rank, _ = rank_world()
-    if rank: learn.logger = noop
+    if rank or not progress: learn.logger = noop
     drop = RANK0_ONLY_CALLBACKS if rank else _DRAWN_BY_CALLER   # the caller draws progress and graphs from rank 0's events
     for cb in list(learn.cbs):
         if _is_cb(cb, drop): learn.remove_cb(cb)
     if kwargs.get('cbs') is not None: kwargs = {**kwargs, 'cbs': [cb for cb in L(kwargs['cbs']) if not _is_cb(cb, drop)]}
-    extra = [DistributedRunner(sync_bn=sync_bn, checkpoint=checkpoint, **ddp_kwargs)] + ([ProgressEvents()] if rank == 0 else [])
+    extra = [DistributedRunner(sync_bn=sync_bn, checkpoint=checkpoint, **ddp_kwargs)] + ([ProgressEvents()] if rank == 0 and progress else [])
     with learn.added_cbs(extra):
         # ProgressEvents stands where fastai's ProgressCallback stood: first among callbacks of its order (60), so a
         # CSVLogger (or any logger) on the Learner chains to the logger it installs, exactly as in a local fit.
@@ -101,18 +102,16 @@ def _run(learn: Learner | None, source: Any, method: str, args: tuple, kwargs: d
     unknown = set(launch_opts) - set(_LAUNCH_KEYS)
     if unknown: raise TypeError(f"unexpected launch option(s): {', '.join(sorted(unknown))}; known: {', '.join(_LAUNCH_KEYS)}")
     nprocs = _check_nprocs(_default_nprocs(nprocs))
-    backend, devices = launch_opts.pop('backend', None), launch_opts.pop('devices', None)
+    backend, devices, progress = launch_opts.pop('backend', None), launch_opts.pop('devices', None), launch_opts.pop('progress', True)
     ckdir = tempfile.mkdtemp(prefix='mpify-ckpt-')
     checkpoint = os.path.join(ckdir, 'last_epoch.pth')
     cbs = L(getattr(learn, 'cbs', [])) + L(kwargs.get('cbs'))
     display = ProgressDisplay(graph=any(_is_cb(cb, ShowGraphCallback) for cb in cbs))
-    ok = False
     try:
         with group_plan(nprocs, backend, devices) as env:
             from .ddp import _run_in_group
             res = launch(nprocs, _run_in_group, (_train_in_worker, source, method, args, kwargs, checkpoint, sync_bn,
-                                                 ddp_kwargs or {}), gather=0, env=env, on_event=display, **launch_opts)
-        ok = True
+                                                 ddp_kwargs or {}, progress), gather=0, env=env, on_event=display, **launch_opts)
         return res
     except LaunchError as e:
         display.close()
