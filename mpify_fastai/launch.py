@@ -122,9 +122,12 @@ class _LineRelay:
 
 _channel: _Channel | None = None   # set in a worker process
 
-def _context(start_method: str):
+def _context(start_method: str, light: bool):
+    """The multiprocess context to start workers from. Under 'warm', a light call (its payload needs neither torch nor
+    fastai) made while the server is still starting runs on spawn rather than wait for the server's imports."""
     if start_method != 'warm': return mp.get_context(start_method)
-    from .warm import warm_context
+    from .warm import prewarm, warm_context, warm_ready
+    if light and not warm_ready() and prewarm() is not None: return mp.get_context('spawn')
     return warm_context()
 
 def _worker(rank: int, conn, spec: dict):
@@ -139,7 +142,7 @@ def _worker(rank: int, conn, spec: dict):
     sys.stdout, sys.stderr = _LineRelay(chan, 'stdout'), _LineRelay(chan, 'stderr')
     try:
         run_imports(spec['imports'], sys.modules['__main__'].__dict__)
-        fn, args, kwargs = loads(spec['payload'])
+        with open(spec['payload'], 'rb') as f: fn, args, kwargs = loads(f.read())
         res = fn(*args, **kwargs)
         sys.stdout.flush(); sys.stderr.flush()
         if spec['gather'] in ('all', rank):
@@ -256,9 +259,12 @@ def launch(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = No
             raise PayloadError(f"cannot send the call to the workers: {type(e).__name__}: {e}") from e
         world = {'WORLD_SIZE': str(nprocs), 'LOCAL_WORLD_SIZE': str(nprocs)}
         envs = [{**world, 'RANK': str(r), 'LOCAL_RANK': str(r), **((env(r) if callable(env) else env) or {})} for r in range(nprocs)]
-        ctx = context or _context(start_method)
+        light = env is None and b'torch' not in payload.data and b'fastai' not in payload.data
+        ctx = context or _context(start_method, light)
         forkserver = ctx.get_start_method() == 'forkserver'
-        spec = dict(parent_pid=None if forkserver else os.getpid(), env=envs, imports=imports, payload=payload.data, scratch=scratch,
+        call = os.path.join(scratch, 'call.pkl')   # a file, not a Process argument: the start-up data stays small, so a
+        with open(call, 'wb') as f: f.write(payload.data)   # worker dying at start (unguarded script) shows its exit code
+        spec = dict(parent_pid=None if forkserver else os.getpid(), env=envs, imports=imports, payload=call, scratch=scratch,
                     gather=gather, base_env=dict(os.environ) if forkserver else None)
         for r in range(nprocs):
             parent_end, child_end = ctx.Pipe(duplex=True)
@@ -268,6 +274,9 @@ def launch(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = No
             procs.append(p); conns.append(parent_end)
         run = _Run(nprocs, on_output or _default_output(output), on_event)
         _supervise(run, procs, conns, timeout)
+        if context is None and start_method == 'warm' and ctx.get_start_method() == 'forkserver':
+            from .warm import mark_ready
+            mark_ready()
     except BaseException:
         _stop(procs)
         raise

@@ -10,17 +10,19 @@ import os, sys, threading
 import multiprocess as mp
 from multiprocess import forkserver
 
-__all__ = ['warm_context', 'warm_preload', 'stop_warm_server', 'prewarm']
+__all__ = ['warm_context', 'warm_ready', 'mark_ready', 'warm_preload', 'stop_warm_server', 'prewarm']
 
 _lock = threading.Lock()
 _started_with: tuple[str, ...] | None = None
+_prewarming: threading.Thread | None = None
+_ready = threading.Event()      # set once the current server has served a fork, i.e. finished its imports
 
 def warm_preload() -> tuple[str, ...]:
     "Modules the server imports: our launcher, torch if the caller has it, fastai's core if the caller has it."
-    mods = ['mpify_fastai.launch']
+    mods = ['mpify_fastai._server_init', 'mpify_fastai.launch']
     if 'torch' in sys.modules: mods.append('torch')
     if 'fastai' in sys.modules:   # torch._dynamo: DistributedDataParallel imports it (~900 modules) on first use
-        mods += ['fastai.basics', 'fastai.callback.schedule', 'mpify_fastai.callback', 'torch._dynamo']
+        mods += ['fastai.basics', 'fastai.callback.schedule', 'mpify_fastai.callback', 'mpify_fastai.learner', 'torch._dynamo']
     return tuple(mods)
 
 def _server_alive() -> bool:
@@ -31,6 +33,14 @@ def _server_alive() -> bool:
         with open(f'/proc/{pid}/stat') as f: state = f.read().rsplit(')', 1)[1].split()[0]
     except OSError: return False
     return state not in ('Z', 'X')
+
+def mark_ready() -> None:
+    "A launch from the current server succeeded: it has finished its imports."
+    _ready.set()
+
+def warm_ready() -> bool:
+    "Whether a server with everything the caller now uses has finished its imports (a launch would not wait)."
+    return _ready.is_set() and _server_alive() and _started_with is not None and set(warm_preload()) <= set(_started_with)
 
 def stop_warm_server() -> None:
     "Stop the fork server now (the next warm launch starts a new one)."
@@ -48,27 +58,29 @@ def warm_context():
         alive = _server_alive()
         if alive and _started_with is not None and set(want) <= set(_started_with): return mp.get_context('forkserver')
         if alive or getattr(forkserver._forkserver, '_forkserver_pid', None) is not None: forkserver._forkserver._stop()
+        _ready.clear()
         forkserver.set_forkserver_preload(list(want))
-        # a CUDA availability probe in the server must not init CUDA; the server must not pre-warm a server itself
-        server_env = {'PYTORCH_NVML_BASED_CUDA_CHECK': '1', 'MPIFY_PREWARM': '0'}
-        old = {k: os.environ.get(k) for k in server_env}
-        os.environ.update(server_env)
-        try: forkserver.ensure_running()
-        finally:
-            for k, v in old.items():
-                if v is None: os.environ.pop(k, None)
-                else: os.environ[k] = v
+        forkserver.ensure_running()
         _started_with = want
     return mp.get_context('forkserver')
 
+def _noop(): pass
+
 def prewarm() -> threading.Thread | None:
-    """Start the fork server in the background now, so the first launch of the session finds it ready.
+    """Start the fork server in the background now (unless one is starting), so a later launch finds it ready.
     Done on `import mpify_fastai` in a torch session's main process; `MPIFY_PREWARM=0` turns it off."""
+    global _prewarming
     if os.environ.get('MPIFY_PREWARM', '1') == '0' or 'RANK' in os.environ: return None   # a worker, or under torchrun
     if mp.parent_process() is not None or getattr(mp.current_process(), '_inheriting', False): return None
+    if _prewarming is not None and _prewarming.is_alive(): return _prewarming
     def run():
-        try: warm_context()
+        try:
+            ctx = warm_context()
+            if getattr(sys.modules['__main__'], '__file__', None): return   # a script: a probe would re-run it
+            p = ctx.Process(target=_noop, name='mpify-prewarm-probe')
+            p.start(); p.join()     # returns once the server has finished importing and forked
+            _ready.set()
         except Exception: pass      # the first launch starts it again and reports what goes wrong
-    t = threading.Thread(target=run, name='mpify-prewarm', daemon=True)
-    t.start()
-    return t
+    _prewarming = threading.Thread(target=run, name='mpify-prewarm', daemon=True)
+    _prewarming.start()
+    return _prewarming

@@ -12,10 +12,14 @@ def _cuda_state():
     import torch
     return torch.cuda.is_initialized(), os.getppid()
 
+def _cuda_state_of(t): return _cuda_state()
+
 def test_later_launches_fork_from_one_server_that_never_touched_cuda():
     import torch  # noqa: F401  (a torch session: the server preloads what the caller has imported)
     from mpify_fastai import ranch
-    ranch(2, _cuda_state)                       # the first call may start (or upgrade) the server
+    from mpify_fastai.warm import prewarm, warm_ready
+    prewarm().join()                            # what `import mpify_fastai` starts in a torch session, awaited
+    assert warm_ready()
     server = _server_pid()
     t = time.monotonic()
     res = ranch(2, _cuda_state)
@@ -32,7 +36,8 @@ def test_a_dead_server_is_restarted_by_the_next_launch():
     for _ in range(100):
         if not alive(old): break
         time.sleep(0.05)
-    [(cuda, parent)] = ranch(1, _cuda_state)
+    import torch
+    [(cuda, parent)] = ranch(1, _cuda_state_of, torch.zeros(1))   # a tensor argument: a torch job, so it uses the server
     assert parent == _server_pid() != old and alive(parent) and not cuda
 
 SCRIPT = textwrap.dedent('''
@@ -70,3 +75,14 @@ def test_prewarm_can_be_turned_off(tmp_path):
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
                        env=subprocess_env(MPIFY_PREWARM='0'))
     assert r.returncode == 0 and r.stdout.strip() == 'None', r.stderr
+
+def test_a_light_call_does_not_wait_for_a_starting_server():
+    "While the server is still importing torch/fastai, a call whose payload needs neither runs on spawn at once."
+    from mpify_fastai import ranch
+    from mpify_fastai.warm import stop_warm_server, warm_ready
+    stop_warm_server()
+    t = time.monotonic()
+    assert ranch(2, _sum, 1, 2) == [3, 3]
+    assert time.monotonic() - t < 5 and not warm_ready()
+
+def _sum(a, b): return a + b
