@@ -274,7 +274,7 @@ def launch(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = No
             procs.append(p); conns.append(parent_end)
         run = _Run(nprocs, on_output or _default_output(output), on_event)
         _supervise(run, procs, conns, timeout)
-        if context is None and start_method == 'warm' and ctx.get_start_method() == 'forkserver':
+        if context is None and start_method == 'warm' and forkserver:
             from .warm import mark_ready
             mark_ready()
     except BaseException:
@@ -293,7 +293,6 @@ def _supervise(run: _Run, procs: list, conns: list, timeout: float | None):
     while pending:
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
-            _stop(procs)
             raise LaunchTimeout(f"the workers did not finish within timeout={timeout} s; all {len(procs)} were stopped")
         waitables = [conns[r] for r in pending] + [procs[r].sentinel for r in pending]
         for obj in wait(waitables, timeout=left):
@@ -307,9 +306,7 @@ def _supervise(run: _Run, procs: list, conns: list, timeout: float | None):
                 r = by_conn[id(obj)]
                 try: run.handle(r, obj, obj.recv())
                 except (EOFError, OSError): pass
-            if run.failure is not None:
-                _stop(procs)
-                raise run.failure
+            if run.failure is not None: raise run.failure   # `launch` stops every worker on the way out
 
 def _drain(run: _Run, rank: int, conn):
     try:

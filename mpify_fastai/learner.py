@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fastai.callback.progress import CSVLogger, ProgressCallback, ShowGraphCallback
 from fastcore.basics import noop, patch
 from fastcore.foundation import L
-from .ddp import group_plan, rank_world, visible_gpu_count
+from .ddp import _run_in_group, group_plan, rank_world, visible_gpu_count
 from .errors import LaunchError
 from .launch import launch
 from .relay import ProgressDisplay
@@ -109,12 +109,10 @@ def _run(learn: Learner | None, source: Any, method: str, args: tuple, kwargs: d
     display = ProgressDisplay(graph=any(_is_cb(cb, ShowGraphCallback) for cb in cbs))
     try:
         with group_plan(nprocs, backend, devices) as env:
-            from .ddp import _run_in_group
             res = launch(nprocs, _run_in_group, (_train_in_worker, source, method, args, kwargs, checkpoint, sync_bn,
                                                  ddp_kwargs or {}, progress), gather=0, env=env, on_event=display, **launch_opts)
         return res
     except LaunchError as e:
-        display.close()
         if os.path.exists(checkpoint):
             kept = os.path.join(tempfile.gettempdir(), f'mpify-recovered-{os.getpid()}-{os.path.basename(ckdir)}.pth')
             shutil.move(checkpoint, kept)
