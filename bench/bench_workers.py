@@ -6,7 +6,11 @@ Worker processes started by `ranch` or `torch.multiprocessing` import this modul
 PYTHONPATH), so its top-level imports stay in the standard library: importing it costs a spawned worker nothing.
 """
 from __future__ import annotations
-import json, os, socket, sys, tempfile, time
+import json, os, sys, tempfile, time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tests'))
+from helpers import free_port  # noqa: E402  (tests/helpers.py: standard library only)
 
 TRIVIAL_SRC = "def trivial():\n    return 1\n"
 FASTAI_SRC = "def uses_fastai():\n    import fastai.basics\n    return 1\n"
@@ -35,11 +39,6 @@ def import_like_notebook() -> float:
     import torch  # noqa: F401
     import fastai.vision.all  # noqa: F401
     return time.perf_counter() - t
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 def scratch_dir() -> str:
     return tempfile.mkdtemp(prefix='bench-payload-', dir='/dev/shm' if os.access('/dev/shm', os.W_OK) else None)

@@ -1,25 +1,34 @@
-"""mpify_fastai: run notebook-defined functions, and fastai training, on N processes; get everything back."""
+"""mpify_fastai: run notebook-defined functions, and fastai training, on N processes; get everything back.
+
+Importing it is cheap and imports neither fastai nor torch. It adds `Learner.fit_ddp`, `.ddp`, `.save_ddp_job`
+and `.load_ddp_result` to fastai's Learner, now if fastai is loaded, else as soon as it is (either import order
+works). In a process that has imported torch it also starts the warm fork server in the background, so the first
+launch finds torch (and fastai) already imported there; `MPIFY_PREWARM=0` turns that off.
+"""
 __version__ = '0.1.0'
+import sys as _sys
 from .errors import LaunchError, WorkerError, WorkerDied, LaunchTimeout, MainGuardError, PayloadError
 from .imports import ImportsError, import_star
-from .launch import ranch, send_event
+from .launch import ranch
+from .worker import send_event
 from .ddp import in_torchddp, TorchDDPCtx, rank_world, local_rank, local_device, is_rank0
+from .fastai_hook import add_learner_methods_with_fastai as _add_learner_methods_with_fastai
+
+_FASTAI = {'fit_ddp': 'learner', 'DDPSchedules': 'learner', 'DistributedRunner': 'distributed',
+           'apply_result': 'training', 'learner_result': 'training'}
 
 def __getattr__(name):
     "fastai parts load on first use, so `ranch`/`in_torchddp` users don't pay for importing fastai."
     if name in _FASTAI:
-        from . import learner, callback
-        return getattr(learner if hasattr(learner, name) else callback, name)
+        import importlib
+        return getattr(importlib.import_module(f'{__name__}.{_FASTAI[name]}'), name)
     raise AttributeError(f"module 'mpify_fastai' has no attribute {name!r}")
 
-_FASTAI = ('fit_ddp', 'DDPLauncher', 'DistributedRunner', 'apply_result', 'learner_result')
+__all__ = ['ranch', 'in_torchddp', 'TorchDDPCtx', 'rank_world', 'local_rank', 'local_device', 'is_rank0', 'send_event',
+           'import_star', 'fit_ddp', 'DDPSchedules', 'DistributedRunner', 'apply_result', 'learner_result',
+           'LaunchError', 'WorkerError', 'WorkerDied', 'LaunchTimeout', 'MainGuardError', 'PayloadError', 'ImportsError']
 
-__all__ = ['ranch', 'in_torchddp', 'TorchDDPCtx', 'rank_world', 'local_rank', 'local_device', 'is_rank0',
-           'fit_ddp', 'DDPLauncher', 'DistributedRunner', 'apply_result', 'learner_result', 'send_event', 'import_star', 'LaunchError', 'WorkerError', 'WorkerDied', 'LaunchTimeout',
-           'MainGuardError', 'PayloadError', 'ImportsError']
-
-import sys as _sys
-if 'fastai.learner' in _sys.modules: from . import learner as _learner   # adds Learner.fit_ddp / Learner.ddp
+_add_learner_methods_with_fastai()
 if 'torch' in _sys.modules:
     from .warm import prewarm as _prewarm
     _prewarm()     # start the warm launcher now, in the background: the session's first launch finds it ready

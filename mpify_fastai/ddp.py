@@ -9,9 +9,10 @@ import os, re, shutil, sys, tempfile, time
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Callable, Sequence
-from .launch import launch
+from .launch import check_nprocs, launch
 
-__all__ = ['in_torchddp', 'TorchDDPCtx', 'rank_world', 'local_rank', 'local_device', 'is_rank0', 'visible_gpu_count']
+__all__ = ['in_torchddp', 'launch_in_group', 'run_in_group', 'TorchDDPCtx', 'rank_world', 'local_rank', 'local_device', 'is_rank0',
+           'visible_gpu_count', 'peer_failure']
 
 BACKENDS = ('gloo', 'nccl')
 
@@ -89,7 +90,7 @@ class TorchDDPCtx:
 _PEER_FAILURE = re.compile(r'gloo/transport|Connection (?:closed|reset) by peer|Broken pipe|remote process exited')
 _PEER_GRACE = 2.0   # seconds a rank whose collective failed because a peer went away waits before reporting it
 
-def _peer_failure(e: BaseException | None) -> bool:
+def peer_failure(e: BaseException | None) -> bool:
     "Whether `e` (or what caused it) is a collective failing because another rank went away."
     seen = set()
     while e is not None and id(e) not in seen:
@@ -98,7 +99,7 @@ def _peer_failure(e: BaseException | None) -> bool:
         e = e.__cause__ or e.__context__
     return False
 
-def _run_in_group(fn: Callable, *args, **kwargs) -> Any:
+def run_in_group(fn: Callable, *args, **kwargs) -> Any:
     """Worker side of `in_torchddp`: join the group, run `fn`, leave the group.
     The launcher reports the first error it receives and stops every worker, so on an error the root cause must
     arrive first: a failing rank keeps the group up (tearing it down would close its sockets before its error is
@@ -107,7 +108,7 @@ def _run_in_group(fn: Callable, *args, **kwargs) -> Any:
     ctx = TorchDDPCtx().__enter__()
     try: res = fn(*args, **kwargs)
     except BaseException as e:
-        if _peer_failure(e): time.sleep(_PEER_GRACE)
+        if peer_failure(e): time.sleep(_PEER_GRACE)
         raise
     ctx.__exit__(None, None, None)
     return res
@@ -154,14 +155,18 @@ def group_plan(nprocs: int, backend: str | None = None, devices: Sequence[int] |
     try: yield ddp_env(nprocs, backend, devs, store_dir)
     finally: shutil.rmtree(store_dir, ignore_errors=True)
 
+def launch_in_group(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = None, *, backend: str | None = None,
+                    devices: Sequence[int] | None = None, **launch_opts) -> Any:
+    "The engine behind `in_torchddp`: `launch` (same options: `on_event`, `gather`, ...) with every worker in one group."
+    with group_plan(nprocs, backend, devices) as env:
+        return launch(nprocs, run_in_group, (fn,) + tuple(args), kwargs, env=env, **launch_opts)
+
 def in_torchddp(nprocs: int, fn: Callable, *args, backend: str | None = None, devices: Sequence[int] | None = None,
                 gather='all', need: str = '', imports: str = '', start_method: str = 'warm',
                 timeout: float | None = None, output: str = 'rank0', **kwargs) -> Any:
     """Like `ranch`, but every worker is a member of one `torch.distributed` process group while `fn` runs:
     NCCL with one GPU per rank where GPUs are visible, gloo otherwise (`backend=` overrides); `devices` picks GPU ids."""
-    from .launch import _check_nprocs
-    nprocs = _check_nprocs(nprocs)
+    nprocs = check_nprocs(nprocs)
     if not callable(fn): raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    with group_plan(nprocs, backend, devices) as env:
-        return launch(nprocs, _run_in_group, (fn,) + args, kwargs, gather=gather, need=need, imports=imports,
-                      start_method=start_method, timeout=timeout, output=output, env=env)
+    return launch_in_group(nprocs, fn, args, kwargs, backend=backend, devices=devices, gather=gather, need=need,
+                           imports=imports, start_method=start_method, timeout=timeout, output=output)

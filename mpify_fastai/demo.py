@@ -29,7 +29,6 @@ def main(argv=None) -> int:
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy
-    from . import learner as _   # adds Learner.fit_ddp
     learn = Learner(digits_dls(), digits_cnn(), loss_func=CrossEntropyLossFlat(), metrics=accuracy)
     t0 = time.perf_counter()
     learn.ddp(nprocs=a.nprocs).fit_one_cycle(a.epochs, 1e-2)

@@ -153,7 +153,6 @@ class Payload:
     "Pickled bytes (one or more pickles sharing a memo) and the segment file holding its large tensors, if any."
     def __init__(self, data: bytes, segment_path: str | None):
         self.data,self.segment_path = data,segment_path
-    def __len__(self): return len(self.data)
     @property
     def nbytes(self) -> int:
         "Bytes sent: the pickle plus the segment file."

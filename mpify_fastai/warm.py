@@ -9,6 +9,7 @@ from __future__ import annotations
 import os, sys, threading
 import multiprocess as mp
 from multiprocess import forkserver
+from ._proc import forkserver_alive, in_spawn_bootstrap, stop_forkserver
 
 __all__ = ['warm_context', 'warm_ready', 'mark_ready', 'warm_preload', 'stop_warm_server', 'prewarm']
 
@@ -19,20 +20,11 @@ _ready = threading.Event()      # set once the current server has served a fork,
 
 def warm_preload() -> tuple[str, ...]:
     "Modules the server imports: our launcher, torch if the caller has it, fastai's core if the caller has it."
-    mods = ['mpify_fastai._server_init', 'mpify_fastai.launch']
+    mods = ['mpify_fastai._server_init', 'mpify_fastai.worker']
     if 'torch' in sys.modules: mods.append('torch')
     if 'fastai' in sys.modules:   # torch._dynamo: DistributedDataParallel imports it (~900 modules) on first use
-        mods += ['fastai.basics', 'fastai.callback.schedule', 'mpify_fastai.callback', 'mpify_fastai.learner', 'torch._dynamo']
+        mods += ['fastai.basics', 'fastai.callback.schedule', 'mpify_fastai.training', 'torch._dynamo']
     return tuple(mods)
-
-def _server_alive() -> bool:
-    "Whether the fork server runs; read from /proc, never by reaping it (multiprocess reaps it itself on restart)."
-    pid = getattr(forkserver._forkserver, '_forkserver_pid', None)
-    if pid is None: return False
-    try:
-        with open(f'/proc/{pid}/stat') as f: state = f.read().rsplit(')', 1)[1].split()[0]
-    except OSError: return False
-    return state not in ('Z', 'X')
 
 def mark_ready() -> None:
     "A launch from the current server succeeded: it has finished its imports."
@@ -40,13 +32,13 @@ def mark_ready() -> None:
 
 def warm_ready() -> bool:
     "Whether a server with everything the caller now uses has finished its imports (a launch would not wait)."
-    return _ready.is_set() and _server_alive() and _started_with is not None and set(warm_preload()) <= set(_started_with)
+    return _ready.is_set() and forkserver_alive() and _started_with is not None and set(warm_preload()) <= set(_started_with)
 
 def stop_warm_server() -> None:
     "Stop the fork server now (the next warm launch starts a new one)."
     global _started_with
     with _lock:
-        if getattr(forkserver._forkserver, '_forkserver_pid', None) is not None: forkserver._forkserver._stop()
+        stop_forkserver()
         _started_with = None
 
 def warm_context():
@@ -55,9 +47,9 @@ def warm_context():
     global _started_with
     want = warm_preload()
     with _lock:
-        alive = _server_alive()
+        alive = forkserver_alive()
         if alive and _started_with is not None and set(want) <= set(_started_with): return mp.get_context('forkserver')
-        if alive or getattr(forkserver._forkserver, '_forkserver_pid', None) is not None: forkserver._forkserver._stop()
+        stop_forkserver()
         _ready.clear()
         forkserver.set_forkserver_preload(list(want))
         forkserver.ensure_running()
@@ -71,7 +63,7 @@ def prewarm() -> threading.Thread | None:
     Done on `import mpify_fastai` in a torch session's main process; `MPIFY_PREWARM=0` turns it off."""
     global _prewarming
     if os.environ.get('MPIFY_PREWARM', '1') == '0' or 'RANK' in os.environ: return None   # a worker, or under torchrun
-    if mp.parent_process() is not None or getattr(mp.current_process(), '_inheriting', False): return None
+    if mp.parent_process() is not None or in_spawn_bootstrap(): return None
     if _prewarming is not None and _prewarming.is_alive(): return _prewarming
     def run():
         try:

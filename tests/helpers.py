@@ -6,22 +6,29 @@ light module: importing this file costs nothing, importing a test module would i
 Keep the top-level imports of this module to the standard library.
 """
 from __future__ import annotations
-import json, os, re, signal, subprocess, sys, time
+import json, os, re, signal, socket, subprocess, sys, time
+from collections import namedtuple
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
 SHM = '/dev/shm'
 
 # ---------------------------------------------------------------- /proc inspection
 
-def _stat(pid: int) -> tuple[int, str, str] | None:
-    "(ppid, state, comm) of `pid` from /proc, or None when it is gone."
+Stat = namedtuple('Stat', 'ppid state comm starttime')
+
+def _stat(pid: int) -> Stat | None:
+    "(ppid, state, comm, starttime) of `pid` from /proc/<pid>/stat, or None when it is gone."
     try:
         with open(f'/proc/{pid}/stat') as f: s = f.read()
     except OSError: return None
-    comm = s[s.index('(') + 1:s.rindex(')')]
     fields = s[s.rindex(')') + 2:].split()
-    return int(fields[1]), fields[0], comm
+    return Stat(int(fields[1]), fields[0], s[s.index('(') + 1:s.rindex(')')], int(fields[19]))
+
+def proc_table() -> dict[int, Stat]:
+    "pid -> `Stat` of every process we can read."
+    return {int(d): st for d in os.listdir('/proc') if d.isdigit() and (st := _stat(int(d))) is not None}
 
 def _cmdline(pid: int) -> str:
     try:
@@ -31,7 +38,7 @@ def _cmdline(pid: int) -> str:
 def proc_state(pid: int) -> str | None:
     "State letter of `pid` ('R', 'S', 'Z', ...), or None when the pid no longer exists."
     st = _stat(pid)
-    return None if st is None else st[1]
+    return None if st is None else st.state
 
 def alive(pid: int) -> bool:
     "True while `pid` exists and is not a zombie (a zombie has finished running; it only awaits reaping)."
@@ -39,20 +46,15 @@ def alive(pid: int) -> bool:
 
 def children_of(pid: int | None = None) -> list[dict]:
     """Every descendant of `pid` (default: this process), zombies included, as dicts with pid, ppid, state, comm,
-    cmdline. A zombie child is a leftover too: nobody reaped it."""
+    starttime, cmdline. A zombie child is a leftover too: nobody reaped it."""
     root = os.getpid() if pid is None else pid
-    table = {}
-    for d in os.listdir('/proc'):
-        if d.isdigit():
-            st = _stat(int(d))
-            if st is not None: table[int(d)] = st
+    table = proc_table()
     kids: dict[int, list[int]] = {}
-    for p, (pp, _, _) in table.items(): kids.setdefault(pp, []).append(p)
+    for p, st in table.items(): kids.setdefault(st.ppid, []).append(p)
     out, todo = [], list(kids.get(root, []))
     while todo:
         p = todo.pop()
-        pp, state, comm = table[p]
-        out.append(dict(pid=p, ppid=pp, state=state, comm=comm, cmdline=_cmdline(p)))
+        out.append(dict(pid=p, **table[p]._asdict(), cmdline=_cmdline(p)))
         todo += kids.get(p, [])
     return sorted(out, key=lambda d: d['pid'])
 
@@ -108,10 +110,17 @@ def kill_quietly(pids):
 
 # ---------------------------------------------------------------- subprocesses and scripts
 
+def free_port() -> int:
+    "A TCP port on 127.0.0.1 that was free a moment ago."
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
 def subprocess_env(**extra) -> dict:
-    "os.environ plus PYTHONPATH pointing at the repository, so a fresh interpreter imports this checkout's package."
+    """os.environ plus PYTHONPATH leading to the repository and the tests folder, so a fresh interpreter imports this
+    checkout's package and this module."""
     env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join([str(REPO)] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p])
+    env['PYTHONPATH'] = os.pathsep.join([str(REPO), str(TESTS)] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p])
     env['PYTHONUNBUFFERED'] = '1'
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -145,7 +154,7 @@ def wait_for_files(paths, timeout: float = 30, proc: subprocess.Popen | None = N
 _KERNEL_DIR = None
 
 def kernel_env() -> dict:
-    """Environment for notebook kernels: PYTHONPATH to this checkout, and JUPYTER_PATH leading to a private
+    """Environment for notebook kernels: PYTHONPATH as `subprocess_env`'s, and JUPYTER_PATH leading to a private
     `python3` kernelspec whose argv is this interpreter (so a fresh venv or a stray user kernelspec cannot pick
     another Python)."""
     global _KERNEL_DIR

@@ -5,7 +5,7 @@ checks are grouped so that one launch proves several things. Worker functions li
 workers import this module by name (pytest puts tests/ on sys.path and spawn hands sys.path down).
 """
 from __future__ import annotations
-import ipaddress, json, os, re, signal, subprocess, sys, tempfile, textwrap, threading, time
+import ipaddress, json, os, re, signal, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 
 import pytest
@@ -14,44 +14,21 @@ import torch.distributed as dist
 
 from mpify_fastai import ranch, WorkerDied, WorkerError
 from mpify_fastai.ddp import in_torchddp, visible_gpu_count
+from helpers import _cmdline, _stat, children_of, free_port, proc_table
 
 REPO = Path(__file__).resolve().parents[1]
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
 
 # ---------------------------------------------------------------- helpers: processes and sockets from /proc
 
-def _proc_table() -> dict[int, tuple[int, str, int]]:
-    "pid -> (ppid, state, starttime) for every process we can read."
-    out = {}
-    for d in os.listdir('/proc'):
-        if not d.isdigit(): continue
-        try:
-            with open(f'/proc/{d}/stat') as f: stat = f.read()
-        except OSError: continue
-        fields = stat[stat.rindex(')') + 2:].split()
-        out[int(d)] = (int(fields[1]), fields[0], int(fields[19]))
-    return out
-
 def _descendants(root: int | None = None) -> dict[int, int]:
     "Live (non-zombie) descendants of `root` (default: this process): pid -> starttime."
-    root = os.getpid() if root is None else root
-    table = _proc_table()
-    kids: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items(): kids.setdefault(ppid, []).append(pid)
-    out, todo = {}, [root]
-    while todo:
-        for c in kids.get(todo.pop(), []):
-            if c in out: continue
-            if table[c][1] != 'Z': out[c] = table[c][2]
-            todo.append(c)
-    return out
+    return {c['pid']: c['starttime'] for c in children_of(root) if c['state'] != 'Z'}
 
 def _alive(procs: dict[int, int]) -> dict[int, int]:
     "Those of `procs` (pid -> starttime) that still exist (zombies included: nobody reaped them), same start time."
-    table = _proc_table()
-    return {p: st for p, st in procs.items() if p in table and table[p][2] == st}
-
-def _starttime(pid: int) -> int: return _proc_table()[pid][2]
+    table = proc_table()
+    return {p: st for p, st in procs.items() if p in table and table[p].starttime == st}
 
 def _wait_gone(procs: dict[int, int], within: float = 3.0) -> dict[int, int]:
     "Give reparented processes a moment to be reaped; return the ones still there."
@@ -79,10 +56,7 @@ class _Sampler:
         the first spawn and meant to live as long as the caller)."""
         return {p: st for p, st in self.seen.items() if self.before.get(p) != st and not _is_resource_tracker(p)}
 
-def _is_resource_tracker(pid: int) -> bool:
-    try: cmd = Path(f'/proc/{pid}/cmdline').read_bytes().replace(b'\0', b' ').decode(errors='replace')
-    except OSError: return False
-    return 'resource_tracker import main' in cmd
+def _is_resource_tracker(pid: int) -> bool: return 'resource_tracker import main' in _cmdline(pid)
 
 def _split_addr(local: str) -> tuple[str, int]:
     host, port = local.rsplit(':', 1)
@@ -175,7 +149,7 @@ def _threads_env():
 
 def _ctx_under_ranch(store_dir: str, port: int):
     "Run by plain `ranch` (no group yet): build groups with TorchDDPCtx three ways, check each is torn down."
-    from mpify_fastai.ddp import TorchDDPCtx, rank_world, _run_in_group
+    from mpify_fastai.ddp import TorchDDPCtx, rank_world, run_in_group
     out = {'before': dist.is_initialized(), 'rank_world_env': rank_world()}
     rank = int(os.environ['RANK'])
     # 1. explicit backend + file store
@@ -192,7 +166,7 @@ def _ctx_under_ranch(store_dir: str, port: int):
     os.environ.update(MPIFY_BACKEND='gloo', MPIFY_INIT_METHOD=f'file://{store_dir}/b')
     def body():
         t = torch.tensor([10.0 * (rank + 1)]); dist.all_reduce(t); return t.item(), dist.is_initialized()
-    out['sum2'], out['inside2'] = _run_in_group(body)
+    out['sum2'], out['inside2'] = run_in_group(body)
     out['after2'] = dist.is_initialized()
     for k in ('MPIFY_BACKEND', 'MPIFY_INIT_METHOD'): del os.environ[k]
     # 3. torchrun-style env:// rendezvous (MASTER_ADDR/MASTER_PORT), and a body that raises
@@ -278,14 +252,8 @@ def test_user_omp_num_threads_is_respected(monkeypatch):
 
 # ---------------------------------------------------------------- TorchDDPCtx on its own
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
 def test_torchddpctx_under_ranch(tmp_path):
-    res = ranch(2, _ctx_under_ranch, str(tmp_path), _free_port())
+    res = ranch(2, _ctx_under_ranch, str(tmp_path), free_port())
     for rank, r in enumerate(res):
         assert r['before'] is False and r['rank_world_env'] == (rank, 2)
         assert r['owns'] is True and r['rank_world_group'] == (rank, 2)
@@ -398,8 +366,8 @@ def _pids_from(d: Path) -> dict[int, int]:
     out = {}
     for f in d.glob('pid-*'):
         pid = int(f.read_text())
-        try: out[pid] = _starttime(pid)
-        except KeyError: out[pid] = -1       # already gone: _alive() will not find it
+        st = _stat(pid)
+        out[pid] = st.starttime if st else -1       # -1: already gone, _alive() will not find it
     return out
 
 def test_rank_raising_between_collectives(tmp_path):
@@ -490,15 +458,15 @@ def test_bad_launch_options_leave_no_store_dir(tmp_path, monkeypatch):
             1 / 0
     assert not os.path.exists(store_dir) and not _store_dirs()
 
-def test_peer_failure_detection():
+def testpeer_failure_detection():
     "Which errors make a rank hold back its report (so the peer that failed first is the one reported)."
-    from mpify_fastai.ddp import _peer_failure
+    from mpify_fastai.ddp import peer_failure
     gloo = RuntimeError('[/x/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:1. '
                         'This is typically caused by a remote worker crashing.')
-    assert _peer_failure(gloo) and _peer_failure(RuntimeError('Connection reset by peer'))
+    assert peer_failure(gloo) and peer_failure(RuntimeError('Connection reset by peer'))
     try:
         try: raise gloo
         except RuntimeError as inner: raise ValueError('wrapped by user code') from inner
-    except ValueError as outer: assert _peer_failure(outer)
-    assert not _peer_failure(RuntimeError('rank1 gave up')) and not _peer_failure(ValueError('Connection closed by peer'))
-    assert not _peer_failure(None)
+    except ValueError as outer: assert peer_failure(outer)
+    assert not peer_failure(RuntimeError('rank1 gave up')) and not peer_failure(ValueError('Connection closed by peer'))
+    assert not peer_failure(None)

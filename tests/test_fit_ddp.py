@@ -25,7 +25,6 @@ from fastai.data.core import DataLoaders
 import fastai.callback.schedule  # noqa: F401  (fit_one_cycle, fine_tune)
 
 import mpify_fastai
-import mpify_fastai.learner  # noqa: F401  (adds Learner.fit_ddp / Learner.ddp; conftest imported mpify_fastai before fastai)
 from mpify_fastai import WorkerError
 from mpify_fastai.demo import digits_cnn, digits_dls
 
@@ -199,7 +198,7 @@ import json
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
-import mpify_fastai.learner  # adds Learner.fit_ddp
+import mpify_fastai  # adds Learner.fit_ddp (in either import order)
 from mpify_fastai.demo import digits_cnn, digits_dls
 
 def main():

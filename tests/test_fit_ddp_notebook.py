@@ -26,7 +26,7 @@ from torch import nn
 from fastai.vision.all import *
 from fastai.tabular.all import *
 from fastai.collab import *
-import mpify_fastai                      # after fastai: adds Learner.fit_ddp
+import mpify_fastai                      # adds Learner.fit_ddp
 work = Path(os.getcwd())
 
 def summary(learn, item, fname, predict=lambda l, x: l.predict(x)[-1]):

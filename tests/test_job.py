@@ -7,10 +7,11 @@ Each torchrun costs ~30-60 s here (every worker imports fastai): the default set
 fast checks, `-m slow` the rest.
 """
 from __future__ import annotations
-import math, os, pickle, shutil, signal, socket, stat, subprocess, sys, textwrap, time, uuid
+import math, os, pickle, shutil, signal, stat, subprocess, sys, textwrap, time, uuid
 from pathlib import Path
 import pytest
 import helpers
+from helpers import free_port
 
 TESTS = Path(__file__).resolve().parent
 _SCRIPT = Path(sys.executable).with_name('torchrun')
@@ -21,15 +22,10 @@ pytestmark = pytest.mark.usefixtures('no_leftovers', 'no_strays')
 
 # ---------------------------------------------------------------- processes
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
 def run_env(tests_on_path: bool = True) -> dict:
-    "This checkout (and, for callbacks in `job_helpers`, the tests folder) importable; one thread per worker."
+    "This checkout importable, and the tests folder (for callbacks in `job_helpers`) if `tests_on_path`; one thread per worker."
     env = helpers.subprocess_env(OMP_NUM_THREADS=1)
-    if tests_on_path: env['PYTHONPATH'] = os.pathsep.join([str(TESTS), env['PYTHONPATH']])
+    if not tests_on_path: env['PYTHONPATH'] = os.pathsep.join(p for p in env['PYTHONPATH'].split(os.pathsep) if p != str(TESTS))
     for k in list(env):   # nothing from an enclosing torchrun/launcher may leak into these agents
         if k.startswith(('TORCHELASTIC_', 'MPIFY_')) or k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
             del env[k]
@@ -114,7 +110,6 @@ def digits_learner(**kw):
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy
-    import mpify_fastai.learner  # noqa: F401  (adds Learner.save_ddp_job / load_ddp_result)
     from mpify_fastai.demo import digits_cnn, digits_dls
     return Learner(digits_dls(), digits_cnn(), loss_func=CrossEntropyLossFlat(), metrics=accuracy, **kw)
 
@@ -245,11 +240,11 @@ def _tiny_learner():
 @pytest.mark.parametrize('method', ['fit', 'fit_one_cycle', 'fit_flat_cos', 'fit_sgdr'])
 def test_resumable_schedules_skip_the_checkpointed_epochs(method):
     "What a restarted group calls: every schedule listed as resumable trains only the epochs after the checkpoint."
-    from mpify_fastai.job import RESUMABLE, _resume_kwargs
+    from mpify_fastai.job import RESUMABLE, resume_kwargs
     assert method in RESUMABLE
     args = {'fit_sgdr': (2, 1)}.get(method, (3,))   # 3 epochs each (sgdr: 1 + 2)
     learn = _tiny_learner()
-    with learn.no_bar(), learn.no_logging(): getattr(learn, method)(*args, **_resume_kwargs(method, {}, 2))
+    with learn.no_bar(), learn.no_logging(): getattr(learn, method)(*args, **resume_kwargs(method, {}, 2))
     assert learn.trained.epochs == [2]
     assert [len(r) for r in learn.recorder.values] == [0, 0, 2]   # skipped epochs leave empty rows: the job refills them
 
@@ -295,7 +290,7 @@ open("job.pkl", "w").close(); os.chmod("job.pkl", 0o666)
 import torch.nn.functional as F
 from fastai.learner import Learner
 from fastai.metrics import AvgMetric
-import mpify_fastai.learner
+import mpify_fastai
 from mpify_fastai.demo import digits_cnn, digits_dls
 
 LOSS_SCALE = 2.0
@@ -335,13 +330,13 @@ def test_job_from_script_main_runs_elsewhere(tmp_path):
 def test_checkpoint_of_another_job_is_not_resumed(tmp_path):
     "A checkpoint left by an earlier, different job under the same --result is ignored, not loaded into this job."
     import torch
-    from mpify_fastai.job import _own_checkpoint
+    from mpify_fastai.job import resumable_checkpoint
     ck = tmp_path / 'result.pth.ckpt'
     torch.save({'completed_epoch': 1, 'job_digest': 'a' * 64}, ck)
-    assert _own_checkpoint(ck, {'method': 'fit', 'digest': 'b' * 64}) is None
-    assert _own_checkpoint(ck, {'method': 'fit', 'digest': 'a' * 64})['completed_epoch'] == 1
-    assert _own_checkpoint(ck, {'method': 'fine_tune', 'digest': 'a' * 64}) is None   # cannot skip epochs: starts over
-    assert _own_checkpoint(tmp_path / 'none.ckpt', {'method': 'fit', 'digest': 'a' * 64}) is None
+    assert resumable_checkpoint(ck, {'method': 'fit', 'digest': 'b' * 64}) is None
+    assert resumable_checkpoint(ck, {'method': 'fit', 'digest': 'a' * 64})['completed_epoch'] == 1
+    assert resumable_checkpoint(ck, {'method': 'fine_tune', 'digest': 'a' * 64}) is None   # cannot skip epochs: starts over
+    assert resumable_checkpoint(tmp_path / 'none.ckpt', {'method': 'fit', 'digest': 'a' * 64}) is None
 
 def test_cli_refuses_missing_result_folder_at_once(tmp_path):
     "A --result in a folder that does not exist is refused before any training (and before torch is imported)."

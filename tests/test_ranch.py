@@ -186,7 +186,7 @@ def test_failure_with_other_start_methods(tmp_path, method, how, exc):
 
 def test_launch_errors_pickle():
     import pickle
-    for e in [WorkerError(1, 'ValueError', 'bad\nvalue', 'Traceback ...', ' (extra)'), WorkerDied(2, -9, ' (extra)'),
+    for e in [WorkerError(1, 'ValueError', 'bad\nvalue', 'Traceback ...'), WorkerDied(2, -9),
               WorkerDied(0, 3), LaunchTimeout('late'), PayloadError('cannot')]:
         e2 = pickle.loads(pickle.dumps(e))
         assert type(e2) is type(e) and str(e2) == str(e) and e2.__dict__ == e.__dict__
@@ -325,8 +325,9 @@ def test_tensor_payload_through_workers():
 # ---------------------------------------------------------------- the caller dies or is interrupted
 
 CALLER = '''
-import os, sys, time
+import sys
 from mpify_fastai import ranch
+from helpers import children_of, mp_helper_pids
 
 def sleeper(folder):
     import os, time
@@ -334,28 +335,14 @@ def sleeper(folder):
     time.sleep(60)
     return 'woke up'
 
-def descendants():
-    kids = {}
-    for d in os.listdir('/proc'):
-        if d.isdigit():
-            try: s = open(f'/proc/{d}/stat').read()
-            except OSError: continue
-            kids.setdefault(int(s[s.rindex(')') + 2:].split()[1]), []).append(int(d))
-    out, todo = [], list(kids.get(os.getpid(), []))
-    while todo:
-        p = todo.pop(); out.append(p); todo += kids.get(p, [])
-    return out
-
 if __name__ == "__main__":
     folder, method = sys.argv[1], sys.argv[2]
     kw = {} if method == 'default' else {'start_method': method}
     try:
         ranch(2, sleeper, folder, **kw)
     except KeyboardInterrupt:
-        fs, rt = sys.modules.get('multiprocess.forkserver'), sys.modules.get('multiprocess.resource_tracker')
-        helpers_ = {getattr(getattr(fs, '_forkserver', None), '_forkserver_pid', None),
-                    getattr(getattr(rt, '_resource_tracker', None), '_pid', None)}   # kept on purpose
-        left = [(p, open(f'/proc/{p}/cmdline').read()) for p in descendants() if p not in helpers_]
+        kept = mp_helper_pids()   # the fork server and resource tracker stay on purpose
+        left = [(c['pid'], c['cmdline']) for c in children_of() if c['pid'] not in kept]
         print('KeyboardInterrupt raised; left:', left, flush=True)
         sys.exit(0)
     print('ranch returned', flush=True)

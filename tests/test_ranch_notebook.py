@@ -7,24 +7,12 @@ from helpers import cell_errors, cell_output, run_notebook
 pytestmark = pytest.mark.usefixtures('no_leftovers')   # the kernel and its workers are gone afterwards
 
 CHILDREN = '''
-import os, sys
+from helpers import children_of, mp_helper_pids
 def live_children():
-    """Descendants of this kernel, from /proc, except multiprocess's resource tracker and fork server themselves
-    (kept on purpose for the session; their children are listed)."""
-    fs = sys.modules.get('multiprocess.forkserver')
-    server = getattr(getattr(fs, '_forkserver', None), '_forkserver_pid', None)
-    kids = {}
-    for d in os.listdir('/proc'):
-        if d.isdigit():
-            try: s = open(f'/proc/{d}/stat').read()
-            except OSError: continue
-            kids.setdefault(int(s[s.rindex(')') + 2:].split()[1]), []).append(int(d))
-    out, todo = [], list(kids.get(os.getpid(), []))
-    while todo:
-        p = todo.pop(); todo += kids.get(p, [])
-        cmd = open(f'/proc/{p}/cmdline').read().replace('\\0', ' ')
-        if 'resource_tracker' not in cmd and p != server: out.append(cmd)
-    return out
+    """Command lines of this kernel's descendants, except the resource trackers and fork server themselves (kept on
+    purpose for the session; their children are listed)."""
+    kept = mp_helper_pids()
+    return [c['cmdline'] for c in children_of() if c['pid'] not in kept and 'resource_tracker' not in c['cmdline']]
 '''
 
 def test_notebook_function_lambda_class_global():

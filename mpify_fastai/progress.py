@@ -1,4 +1,4 @@
-"""Progress relay: rank 0 sends fastai's progress as events; the caller draws them with fastprogress.
+"""The live progress display of a DDP fit: rank 0 sends fastai's progress as events; the caller draws them.
 
 In Jupyter the caller's fastprogress renders the same live HTML bars and metrics table as a local `fit`;
 in a terminal, the console version. Workers never draw anything themselves.
@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 from fastai.callback.core import Callback
-from .launch import send_event
+from .worker import send_event
 
 __all__ = ['ProgressEvents', 'ProgressDisplay']
 

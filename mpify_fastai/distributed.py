@@ -1,4 +1,5 @@
-"""fastai in the worker: `DistributedRunner` turns a Learner's fit into one DDP training across the group.
+"""fastai in the worker: `DistributedRunner` turns a Learner's fit into one DDP training across the group
+(the counterpart of fastai's own `fastai.distributed`, without its CUDA-only and accelerate-only parts).
 
 Training batches: every rank draws the same shuffled order (a seed shared at `before_fit`) and takes every
 world-th index, padded so all ranks step together. Validation: unpadded shards on the plain module (no
@@ -6,7 +7,7 @@ collective in the forward), then the metric accumulators are summed or gathered 
 Recorder reads them, so every rank logs the exact whole-set values a single process would.
 """
 from __future__ import annotations
-import os, random, warnings
+import random, warnings
 import torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from fastai.callback.core import Callback
@@ -15,7 +16,8 @@ from fastai.metrics import AccumMetric
 from fastai.torch_core import to_detach
 from .ddp import local_device, rank_world
 
-__all__ = ['DistributedRunner', 'shard_dl', 'reduce_metrics']
+__all__ = ['DistributedRunner', 'shard_dl', 'unshard_dl', 'metric_shares', 'combine_metric_shares', 'reduce_metrics',
+           'opt_state_to']
 
 _SHARD_ATTRS = ('get_idxs', 'to_detach', 'n', 'rng')
 
@@ -36,6 +38,7 @@ def shard_dl(dl, rank: int, world: int, pad: bool, seed: int) -> dict:
     return saved
 
 def unshard_dl(dl, saved: dict):
+    "Undo `shard_dl`: `dl` draws the whole epoch again."
     for k in _SHARD_ATTRS: dl.__dict__.pop(k, None)
     dl.__dict__.update(saved)
 
@@ -46,44 +49,53 @@ def _cat(ts: list) -> torch.Tensor | None:
     ts = [t for t in ts if t is not None and t.numel()]
     return torch.cat(ts) if ts else None
 
+def _summable(m) -> bool: return isinstance(m, (AvgMetric, AvgLoss)) or (hasattr(m, 'total') and hasattr(m, 'count'))
+
+def metric_shares(mets) -> list:
+    """This rank's share of each metric's accumulator: ('sum', total, count) for `AvgMetric`/`AvgLoss` (and any metric
+    with `total`/`count`), ('cat', preds, targs) for `AccumMetric`, None for what needs no combining or cannot be."""
+    return [('sum', float(m.total), int(m.count)) if _summable(m) else
+            ('cat', _cat(m.preds), _cat(m.targs)) if isinstance(m, AccumMetric) else None for m in mets]
+
+def combine_metric_shares(mets, shares_by_rank: list[list]) -> list[str]:
+    """Set each metric's accumulator to the whole set's, from every rank's `metric_shares` (in rank order, so every
+    rank computes the same values); returns the names of metrics that cannot be combined."""
+    uncombinable = []
+    for i, m in enumerate(mets):
+        shares = [r[i] for r in shares_by_rank]
+        if shares[0] is None:
+            if not isinstance(m, AvgSmoothLoss) and type(m).__name__ not in uncombinable: uncombinable.append(type(m).__name__)
+        elif shares[0][0] == 'sum':   # a tensor stays one: `Perplexity` takes `torch.exp` of total/count
+            total = sum(s[1] for s in shares)
+            m.total, m.count = torch.tensor(total, dtype=torch.float64) if torch.is_tensor(m.total) else total, sum(s[2] for s in shares)
+        else:
+            p, t = _cat([s[1] for s in shares]), _cat([s[2] for s in shares])
+            m.preds, m.targs = ([p], [t]) if p is not None else ([], [])
+    return uncombinable
+
 def reduce_metrics(mets) -> None:
-    """Combine each rank's metric accumulators into whole-set values on every rank: sums for `AvgMetric`/`AvgLoss`
-    (and any metric with `total`/`count`), gathered predictions for `AccumMetric`. `AvgSmoothLoss` is already global."""
+    """Combine each rank's metric accumulators into whole-set values on every rank (`AvgSmoothLoss` is already
+    global); warn about a metric that cannot be combined: it reports this rank's shard."""
     world = dist.get_world_size()
     if world == 1: return
-    dev, warned = _comm_device(), []
-    sums = [m for m in mets if isinstance(m, (AvgMetric, AvgLoss)) or (hasattr(m, 'total') and hasattr(m, 'count'))]
-    if sums:
-        t = torch.tensor([[float(m.total), float(m.count)] for m in sums], dtype=torch.float64, device=dev)
-        dist.all_reduce(t)
-        for m, (total, count) in zip(sums, t.tolist()): m.total, m.count = total, int(count)
-    accums = [m for m in mets if isinstance(m, AccumMetric)]
-    if accums:
-        mine = [(_cat(m.preds), _cat(m.targs)) for m in accums]
-        everyone = [None] * world
-        dist.all_gather_object(everyone, mine)
-        for i, m in enumerate(accums):
-            p, t = _cat([r[i][0] for r in everyone]), _cat([r[i][1] for r in everyone])
-            m.preds, m.targs = ([p], [t]) if p is not None else ([], [])
-    for m in mets:
-        if not (m in sums or m in accums or isinstance(m, AvgSmoothLoss)) and type(m).__name__ not in warned:
-            warned.append(type(m).__name__)
-            warnings.warn(f"mpify_fastai: metric {getattr(m, 'name', m)!r} ({type(m).__name__}) has no known way to combine "
-                          "across ranks; each rank reports its own shard's value")
+    everyone = [None] * world
+    dist.all_gather_object(everyone, metric_shares(mets))
+    for m in combine_metric_shares(mets, everyone):
+        warnings.warn(f"mpify_fastai: metric {m} has no known way to combine across ranks; each rank reports its own "
+                      "shard's value")
 
 class DistributedRunner(Callback):
-    """Wrap the model in DistributedDataParallel, shard the dataloaders across ranks, keep validation metrics
-    exact, and (rank 0) checkpoint the weights at each epoch end to `checkpoint` if given."""
+    "Wrap the model in DistributedDataParallel, shard the dataloaders across ranks, and keep validation metrics exact."
     order = 11
-    def __init__(self, sync_bn: bool = True, checkpoint: str | None = None, **ddp_kwargs):
-        self.sync_bn,self.checkpoint,self.ddp_kwargs,self.training_fit = sync_bn,checkpoint,ddp_kwargs,False
+    def __init__(self, sync_bn: bool = True, **ddp_kwargs):
+        self.sync_bn,self.ddp_kwargs,self.training_fit = sync_bn,ddp_kwargs,False
 
     def before_fit(self):
         self.rank, self.world = rank_world()
         self.device = local_device()
         self.learn.model.to(self.device)
         self.learn.dls.device = self.device
-        if self.learn.opt is not None: _opt_state_to(self.learn.opt, self.device)
+        if self.learn.opt is not None: opt_state_to(self.learn.opt, self.device)
         seed = torch.randint(0, 2**31 - 1, (1,), device=_comm_device() if self.world > 1 else 'cpu')
         if self.world > 1: dist.broadcast(seed, 0)
         seed = int(seed.item())
@@ -107,13 +119,6 @@ class DistributedRunner(Callback):
     def after_train(self):
         if getattr(self.recorder, 'train_metrics', False): reduce_metrics(self.recorder._train_mets[1:])
 
-    def after_epoch(self):
-        if self.checkpoint and self.rank == 0:
-            sd = {k: v.detach().cpu() for k, v in self.plain.state_dict().items()}
-            tmp = f"{self.checkpoint}.tmp"
-            torch.save({'epoch': self.epoch, 'state_dict': sd}, tmp)
-            os.replace(tmp, self.checkpoint)
-
     def before_epoch(self):
         "Rank 0's files from the previous epoch (SaveModelCallback, runs after us in `after_epoch`) exist before anyone goes on."
         if self.epoch and self.world > 1: dist.barrier()
@@ -125,8 +130,9 @@ class DistributedRunner(Callback):
         for dl, saved in getattr(self, 'saved', []): unshard_dl(dl, saved)
         self.saved = []
 
-def _opt_state_to(opt, device):
-    "Move a fastai Optimizer's per-parameter state to `device` (state saved on another device would not step)."
+def opt_state_to(opt, device: torch.device | None = None) -> None:
+    """Move a fastai Optimizer's per-parameter state to `device`, by default each parameter's own (state saved on
+    another device would not step)."""
     for p, state in opt.state.items():
         for k, v in state.items():
-            if isinstance(v, torch.Tensor): state[k] = v.to(device)
+            if isinstance(v, torch.Tensor): state[k] = v.to(p.device if device is None else device)

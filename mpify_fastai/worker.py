@@ -1,0 +1,100 @@
+"""The worker's side of a launch: its entry point, its end of the pipe, and the forwarding of its output.
+
+A worker sends, over its own pipe, output lines ('out'), events ('event'), then one 'result' or one 'error'.
+It dies with its caller (parent-death signal plus a watchdog on the pipe), runs in its own process group so the
+caller's Ctrl-C reaches only the caller, and keeps a result's segment file until the caller acks it.
+"""
+from __future__ import annotations
+import ctypes, os, signal, sys, threading, traceback
+from .imports import run_imports
+from .serialize import dumps, loads
+
+__all__ = ['worker_main', 'send_event', 'MAIN_GUARD_EXIT', 'ACK']
+
+MAIN_GUARD_EXIT = 86     # exit code of a worker that found itself re-importing an unguarded script
+ACK = 'ack'              # the caller's reply once it has mapped a result's segment file
+_ACK_TIMEOUT = 60.0      # how long a worker keeps its result available for the caller to map
+
+def _die_with_parent(parent_pid: int | None):
+    """Ask Linux to SIGKILL this worker when its parent dies (under forkserver the parent is the server, which
+    exits with the caller); exit now if the caller is already gone."""
+    try: ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError): pass
+    if os.getppid() == 1 or (parent_pid is not None and os.getppid() != parent_pid): os._exit(1)
+
+class _Channel:
+    "The worker's end of its pipe: thread-safe sends; a watchdog thread reads acks and exits the worker when the caller is gone."
+    def __init__(self, conn):
+        self.conn,self.lock,self.acked = conn,threading.Lock(),threading.Event()
+        threading.Thread(target=self._watch, daemon=True, name='mpify-watchdog').start()
+    def send(self, *msg):
+        with self.lock: self.conn.send(msg)
+    def _watch(self):
+        try:
+            while True:
+                if self.conn.recv() == ACK: self.acked.set()
+        except (EOFError, OSError):
+            os.killpg(0, signal.SIGKILL) if os.getpgrp() == os.getpid() else os._exit(1)
+
+class _OutputForwarder:
+    "A text stream (the worker's stdout or stderr) that sends each complete line to the caller as ('out', stream, text)."
+    def __init__(self, chan: _Channel, name: str):
+        self.chan,self.name,self.buf,self.lock = chan,name,'',threading.Lock()
+    def write(self, s: str) -> int:
+        with self.lock:
+            self.buf += s
+            if '\n' in self.buf:
+                lines, self.buf = self.buf.rsplit('\n', 1)
+                self.chan.send('out', self.name, lines)
+        return len(s)
+    def flush(self):
+        with self.lock:
+            if self.buf: self.chan.send('out', self.name, self.buf); self.buf = ''
+    def isatty(self) -> bool: return False
+    def writable(self) -> bool: return True
+    @property
+    def encoding(self): return 'utf-8'
+
+_channel: _Channel | None = None   # set in a worker process
+
+def worker_main(rank: int, conn, spec: dict) -> None:
+    "Entry point of every worker process: set up, run the call from `spec['payload']`, send its result or error, exit."
+    global _channel
+    _die_with_parent(spec['parent_pid'])
+    os.setpgrp()    # the caller's Ctrl-C / kernel interrupt reaches the caller only; it stops us itself
+    if spec.get('base_env') is not None:   # forkserver: the server's environ is from when it started, not the caller's now
+        os.environ.clear(); os.environ.update(spec['base_env'])
+    os.environ.update(spec['env'][rank])
+    chan = _channel = _Channel(conn)
+    sys.stdout, sys.stderr = _OutputForwarder(chan, 'stdout'), _OutputForwarder(chan, 'stderr')
+    try:
+        run_imports(spec['imports'], sys.modules['__main__'].__dict__)
+        with open(spec['payload'], 'rb') as f: fn, args, kwargs = loads(f.read())
+        res = fn(*args, **kwargs)
+        sys.stdout.flush(); sys.stderr.flush()
+        if spec['gather'] in ('all', rank):
+            out = dumps(res, ship_globals=False, segment_path=os.path.join(spec['scratch'], f'result-{rank}'))
+            chan.send('result', out.data)
+            chan.acked.wait(_ACK_TIMEOUT)    # the caller maps our segment file before we go
+        else: chan.send('result', None)
+    except BaseException as e:
+        try: sys.stdout.flush(); sys.stderr.flush()
+        except Exception: pass
+        chan.send('error', type(e).__qualname__, str(e), traceback.format_exc(), _pickled_exception(e))
+        os._exit(1)   # what was sent stays readable in the pipe after we exit
+    os._exit(0)       # done: threads the function left running must not keep the caller waiting
+
+def _pickled_exception(e: BaseException) -> bytes | None:
+    "`e` pickled for the caller to re-raise as the `__cause__`, or None when it does not survive a round trip."
+    try:
+        import dill
+        data = dill.dumps(e)
+        dill.loads(data)
+        return data
+    except Exception: return None
+
+def send_event(*data) -> None:
+    "From inside a worker: send `data` to the caller's `on_event` handler (progress, metrics...)."
+    chan = _channel
+    if chan is None: raise RuntimeError("send_event works only inside a worker started by ranch/in_torchddp")
+    chan.send('event', *data)

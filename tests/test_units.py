@@ -1,0 +1,411 @@
+"""Fast in-process unit tests of the fastai side: dataloader sharding, metric combining, the progress display, history
+merging, moving a Learner's state, the epoch checkpoint and the worker's Learner. No worker processes and no
+process group: ranks are faked through arguments or the RANK/WORLD_SIZE environment, as fastai's own tests do."""
+from __future__ import annotations
+import math, stat, subprocess, sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from fastai.callback.progress import CSVLogger, ProgressCallback
+from fastai.data.load import DataLoader
+from fastai.learner import AvgLoss, AvgMetric, AvgSmoothLoss, Learner, Metric
+from fastai.losses import CrossEntropyLossFlat
+from fastai.metrics import BalancedAccuracy, F1Score, Perplexity, accuracy
+from fastai.optimizer import Adam
+from fastai.torch_core import to_detach
+from fastcore.basics import noop
+
+import helpers
+from fastai_helpers import digits_dls_plain, mlp, params_of, sgd_learner
+from mpify_fastai.distributed import combine_metric_shares, metric_shares, shard_dl, unshard_dl
+from mpify_fastai.errors import LaunchError
+from mpify_fastai.progress import ProgressDisplay
+from mpify_fastai.training import EpochCheckpoint, apply_result, learner_result, merged_history, worker_learner
+
+# ---------------------------------------------------------------- shard_dl / unshard_dl
+
+def _items(dl) -> list[int]: return [int(i) for b in dl for i in b]
+
+@pytest.mark.parametrize('n,world', [(10, 3), (10, 1), (7, 2), (2, 3)])
+def test_shard_dl_unpadded_ranks_split_one_epoch(n, world):
+    "Without padding, ranks sharing a seed draw disjoint shares of one shuffled epoch, `n` and iteration included."
+    shares, drawn = [], []
+    for rank in range(world):
+        dl = DataLoader(list(range(n)), bs=4, shuffle=True)
+        shard_dl(dl, rank, world, pad=False, seed=123)
+        idxs = dl.get_idxs()
+        assert dl.n == len(range(rank, n, world)) == len(idxs)
+        shares.append(idxs)
+        items = _items(dl)
+        assert len(items) == dl.n and len(dl) == math.ceil(dl.n / 4)
+        drawn.append(items)
+    assert sorted(i for s in shares for i in s) == list(range(n))
+    assert sorted(i for s in drawn for i in s) == list(range(n))
+    full = [shares[i % world][i // world] for i in range(n)]     # the shared shuffled order, rank r has full[r::world]
+    assert sorted(full) == list(range(n))
+    if n >= 7: assert full != list(range(n))                     # shuffled
+
+@pytest.mark.parametrize('n,world', [(10, 3), (10, 1), (7, 2), (2, 3)])
+def test_shard_dl_padded_ranks_equal_length(n, world):
+    "With padding, every rank has ceil(n/world) indices; together one epoch plus repeats of its first indices."
+    per = -(-n // world)
+    shares = []
+    for rank in range(world):
+        dl = DataLoader(list(range(n)), bs=3, shuffle=True)
+        shard_dl(dl, rank, world, pad=True, seed=7)
+        assert dl.n == per
+        idxs = dl.get_idxs()
+        assert len(idxs) == per and len(_items(dl)) == per
+        shares.append(idxs)
+    full = [shares[i % world][i // world] for i in range(per * world)]
+    assert sorted(full[:n]) == list(range(n))
+    assert full[n:] == full[:len(full) - n]
+
+def test_shard_dl_iteration_gives_rank_items_and_unshard_restores():
+    "A sharded loader yields exactly its rank's items (same on every rank for one seed); `unshard_dl` gives the whole epoch back."
+    dl = DataLoader(list(range(10)), bs=4, shuffle=True)
+    orig_rng = dl.rng
+    saved = shard_dl(dl, 1, 3, pad=False, seed=5)
+    assert dl.n == 3 and 'get_idxs' in dl.__dict__
+    first = _items(dl)
+    dl2 = DataLoader(list(range(10)), bs=4, shuffle=True)
+    shard_dl(dl2, 1, 3, pad=False, seed=5)
+    assert _items(dl2) == first and len(first) == 3        # same seed: same share on another loader object
+    others = [DataLoader(list(range(10)), bs=4, shuffle=True) for _ in range(2)]
+    for r, o in zip((0, 2), others): shard_dl(o, r, 3, pad=False, seed=5)
+    assert sorted(first + _items(others[0]) + _items(others[1])) == list(range(10))
+    unshard_dl(dl, saved)
+    assert dl.n == 10 and 'get_idxs' not in dl.__dict__ and dl.rng is orig_rng
+    assert len(dl) == 3 and sorted(dl.get_idxs()) == list(range(10)) and sorted(_items(dl)) == list(range(10))
+
+def test_shard_dl_to_detach_does_not_gather(monkeypatch):
+    "On a sharded loader the Learner's `to_detach` never gathers (WORLD_SIZE=2, no group); unsharded it would, and raises."
+    monkeypatch.setenv('RANK', '1'); monkeypatch.setenv('WORLD_SIZE', '2')
+    learn = sgd_learner(digits_dls_plain(10, 4, bs=4), mlp(0))
+    learn.dl = learn.dls.valid
+    x = torch.arange(3.).requires_grad_()
+    saved = shard_dl(learn.dl, 1, 2, pad=False, seed=0)
+    out = learn.to_detach(x)
+    assert not out.requires_grad and torch.equal(out, torch.arange(3.))
+    unshard_dl(learn.dl, saved)
+    assert 'to_detach' not in learn.dl.__dict__
+    with pytest.raises(ValueError, match='process group'): learn.to_detach(x)
+
+# ---------------------------------------------------------------- metric_shares / combine_metric_shares
+
+N_MET = 23
+
+def _metric_data():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(N_MET, 4, generator=g)
+    y = torch.randint(0, 4, (N_MET,), generator=g)
+    pred[y == 1, 1] += 1.   # a better than chance classifier, so F1 and balanced accuracy are not degenerate
+    return pred, y
+
+def _make_metrics():
+    return [AvgMetric(accuracy), AvgLoss(), F1Score(average='macro'), BalancedAccuracy()]
+
+def _accumulate(mets, pred, y, bs=4):
+    "Feed `mets` the batches of (pred, y), reading what a Learner exposes during validation."
+    for m in mets: m.reset()
+    for i in range(0, len(y), bs):
+        p, t = pred[i:i + bs], y[i:i + bs]
+        fake = SimpleNamespace(pred=p, yb=(t,), y=t, loss=F.cross_entropy(p, t), to_detach=to_detach)
+        for m in mets: m.accumulate(fake)
+    return mets
+
+def _value(m) -> float: return float(m.value)
+
+@pytest.mark.filterwarnings('ignore:y_pred contains classes not in y_true')   # a shard alone, on purpose
+@pytest.mark.parametrize('world', [2, 3])
+def test_combined_metric_shares_equal_whole_set(world):
+    "Combining every rank's shares gives each metric its whole-set value, the same on every rank."
+    pred, y = _metric_data()
+    whole = [_value(m) for m in _accumulate(_make_metrics(), pred, y, bs=5)]
+    ranks = [_accumulate(_make_metrics(), pred[r::world], y[r::world]) for r in range(world)]
+    shards = [[_value(m) for m in mets] for mets in ranks]
+    assert any(abs(a - b) > 1e-3 for s in shards for a, b in zip(s, whole))   # each shard alone is not the answer
+    shares = [metric_shares(mets) for mets in ranks]
+    assert [s[0] for s in shares[0]] == ['sum', 'sum', 'cat', 'cat']
+    assert sum(s[0][2] for s in shares) == N_MET and sum(len(s[2][2]) for s in shares) == N_MET
+    combined = []
+    for mets in ranks:
+        assert combine_metric_shares(mets, shares) == []
+        combined.append([_value(m) for m in mets])
+    for vals in combined:
+        assert vals == combined[0]
+        assert vals == pytest.approx(whole, abs=1e-6)
+
+def test_combine_metric_shares_with_an_empty_rank():
+    "A rank whose shard is empty adds nothing: the others' shares still combine to the whole-set value."
+    pred, y = _metric_data()
+    whole = [_value(m) for m in _accumulate(_make_metrics(), pred, y)]
+    ranks = [_accumulate(_make_metrics(), pred, y), _accumulate(_make_metrics(), pred[:0], y[:0])]
+    shares = [metric_shares(mets) for mets in ranks]
+    assert shares[1][2] == ('cat', None, None) and shares[1][0] == ('sum', 0.0, 0)
+    for mets in ranks:
+        combine_metric_shares(mets, shares)
+        assert [_value(m) for m in mets] == pytest.approx(whole, abs=1e-6)
+
+def test_combined_perplexity_equals_whole_set():
+    "fastai's `Perplexity` (an AvgLoss taking `exp` of the mean) combined from 2 ranks gives its whole-set value."
+    pred, y = _metric_data()
+    whole = _accumulate([Perplexity()], pred, y)[0]
+    ranks = [_accumulate([Perplexity()], pred[r::2], y[r::2]) for r in range(2)]
+    shares = [metric_shares(mets) for mets in ranks]
+    for mets in ranks:
+        assert combine_metric_shares(mets, shares) == []
+        assert _value(mets[0]) == pytest.approx(_value(whole), abs=1e-6)
+
+class Median(Metric):
+    "A metric keeping its own state (no total/count/preds): cannot be combined across ranks."
+    def reset(self): self.vals = []
+    def accumulate(self, learn): self.vals.append(learn.pred)
+    @property
+    def value(self): return torch.cat(self.vals).median() if self.vals else None
+
+class SummedLoss(Metric):
+    "A custom metric with `total` and `count`: combined by summing like AvgLoss."
+    def reset(self): self.total, self.count = 0., 0
+    def accumulate(self, learn): self.total += float(learn.loss) * len(learn.yb[0]); self.count += len(learn.yb[0])
+    @property
+    def value(self): return self.total / self.count
+
+def test_uncombinable_metrics_reported_by_type_name():
+    "`AvgSmoothLoss` is not reported (already global); a metric without total/count/preds is, once, by type name."
+    pred, y = _metric_data()
+    ranks = [_accumulate([AvgSmoothLoss(), Median(), SummedLoss(), Median()], pred[r::2], y[r::2]) for r in range(2)]
+    own = [[_value(m) for m in mets] for mets in ranks]
+    shares = [metric_shares(mets) for mets in ranks]
+    assert shares[0][0] is None and shares[0][1] is None and shares[0][2][0] == 'sum'
+    assert combine_metric_shares(ranks[0], shares) == ['Median']
+    whole = _accumulate([SummedLoss()], pred, y)[0]
+    assert _value(ranks[0][2]) == pytest.approx(_value(whole), abs=1e-6)
+    assert _value(ranks[0][1]) == own[0][1] and _value(ranks[0][0]) == own[0][0]   # left as they were
+
+# ---------------------------------------------------------------- ProgressDisplay
+
+NAMES = ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'time']
+
+ROWS = [['0', '2.345678', '2.111111', '0.312500', '00:01'], ['1', '1.987654', '1.876543', '0.593750', '00:01']]
+
+def _feed(d, rank=0, kind='progress'):
+    "The events rank 0's ProgressEvents sends for a 2-epoch fit of 3 training and 2 validation batches."
+    d(rank, kind, 'fit', 2, NAMES)
+    for epoch, row, val_loss in zip((0, 1), ROWS, (2.111111, 1.876543)):
+        d(rank, kind, 'epoch', epoch)
+        d(rank, kind, 'bar', 3)
+        for i in (1, 2, 3): d(rank, kind, 'batch', i, 2.5 - epoch / 2 - i / 10)
+        d(rank, kind, 'bar', 2)
+        d(rank, kind, 'batch', 2, None)
+        d(rank, kind, 'row', row, [2.4 - epoch / 2, 2.3 - epoch / 2, 2.2 - epoch / 2], val_loss)
+
+def test_progress_display_draws_rank0_events(capsys):
+    "Rank 0's events draw the metrics header and each epoch's row (console output outside Jupyter)."
+    d = ProgressDisplay(graph=True)
+    _feed(d)
+    d(1, 'progress', 'row', ['9', 'FROM_RANK1'], [0.1], 0.1)
+    d(0, 'warning', 'row', ['9', 'OTHER_KIND'], [0.1], 0.1)
+    d(0, 'progress', 'end')
+    out = capsys.readouterr().out
+    assert 'FROM_RANK1' not in out and 'OTHER_KIND' not in out
+    header = next(l for l in out.splitlines() if 'train_loss' in l)
+    assert header.split() == NAMES
+    lines = [l.split() for l in out.replace('\r', '\n').splitlines()]
+    assert [l for l in lines if l in ROWS] == ROWS   # each row once, in order
+    assert d.losses == pytest.approx([2.4, 2.3, 2.2, 1.9, 1.8, 1.7]) and d.val_losses == [2.111111, 1.876543] and d.epoch_ends == [3, 6]
+    assert d.mbar is None and d.pbar is None
+    d.close()   # after 'end': nothing left to close, nothing drawn, no error
+    assert capsys.readouterr().out == '' and d.mbar is None
+
+@pytest.mark.parametrize('rank,kind', [(1, 'progress'), (0, 'other')])
+def test_progress_display_ignores_other_ranks_and_kinds(capsys, rank, kind):
+    "Events from rank 1, or of another kind, draw nothing and change nothing."
+    d = ProgressDisplay(graph=True)
+    _feed(d, rank, kind)
+    d(rank, kind, 'end')
+    d.close()
+    assert capsys.readouterr().out == ''
+    assert d.mbar is None and d.losses == [] and d.n_epoch == 0
+
+# ---------------------------------------------------------------- merged_history
+
+def test_merged_history():
+    "The checkpoint's `done` epochs go in front: its rows, losses and lrs, then the resumed fit's with iterations offset."
+    old = dict(values=[[1.0, 0.9, 0.5], [0.8, 0.7, 0.6]], losses=[1.2, 1.1, 1.0, 0.9], lrs=[0.1, 0.1, 0.1, 0.1],
+               iters=[2, 4], metric_names=['old'])
+    hist = dict(values=[[], [], [0.6, 0.5, 0.7], [0.5, 0.4, 0.8]], losses=[0.8, 0.7, 0.6, 0.5], lrs=[0.05, 0.05, 0.01, 0.01],
+                iters=[0, 0, 2, 4], metric_names=['epoch', 'train_loss', 'valid_loss', 'accuracy'], hps={'lr': [0.1]})
+    before = {k: list(v) if isinstance(v, list) else v for k, v in hist.items()}
+    out = merged_history(hist, old, 2)
+    assert out['values'] == [[1.0, 0.9, 0.5], [0.8, 0.7, 0.6], [0.6, 0.5, 0.7], [0.5, 0.4, 0.8]]
+    assert out['losses'] == [1.2, 1.1, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
+    assert out['lrs'] == [0.1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.01, 0.01]
+    assert out['iters'] == [2, 4, 6, 8]
+    assert out['metric_names'] == hist['metric_names'] and out['hps'] == {'lr': [0.1]}
+    assert hist == before   # the input is not modified
+
+def test_merged_history_one_epoch_done():
+    "After one checkpointed epoch of three: one old row, two new ones, iterations counted on from the old epoch's."
+    old = dict(values=[[0.9]], losses=[1.0, 0.9, 0.8], lrs=[1e-3] * 3, iters=[3])
+    hist = dict(values=[[], [0.7], [0.6]], losses=[0.7, 0.6, 0.5, 0.4, 0.3, 0.2], lrs=[2e-3] * 6, iters=[0, 3, 6])
+    out = merged_history(hist, old, 1)
+    assert out['values'] == [[0.9], [0.7], [0.6]] and out['iters'] == [3, 6, 9]
+    assert out['losses'] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2] and out['lrs'] == [1e-3] * 3 + [2e-3] * 6
+
+# ---------------------------------------------------------------- learner_result / apply_result
+
+def _adam_learner(seed: int, model=None) -> Learner:
+    "A small digits Learner with Adam, whose optimizer state (averages, step counts) is worth moving."
+    return Learner(digits_dls_plain(96, 32, bs=16, shuffle=True), model or mlp(seed), loss_func=CrossEntropyLossFlat(),
+                   opt_func=Adam, metrics=accuracy)
+
+def _trained(learn: Learner, n_epoch: int = 1) -> Learner:
+    with learn.no_bar(), learn.no_logging(): learn.fit(n_epoch, 1e-2)
+    return learn
+
+def test_learner_result_apply_result_round_trip():
+    "A trained Learner's result, applied to a fresh one, gives it the same weights, history, optimizer state and counters."
+    learn = _trained(_adam_learner(0))
+    res = learner_result(learn)
+    assert all(v.device.type == 'cpu' for v in res['state_dict'].values())
+    assert all(v.device.type == 'cpu' for s in res['opt']['state'] for v in s.values() if isinstance(v, torch.Tensor))
+    assert len(res['recorder']['losses']) == 6 and all(type(l) is float for l in res['recorder']['losses'])
+    fresh = _adam_learner(1)
+    assert max(float((a - b).abs().max()) for a, b in zip(params_of(fresh.model).values(), params_of(learn.model).values())) > 1e-3
+    apply_result(fresh, res)
+    assert params_of(fresh.model).keys() == params_of(learn.model).keys()
+    assert all(torch.equal(a, b) for a, b in zip(params_of(fresh.model).values(), params_of(learn.model).values()))
+    r0, r1 = learn.recorder, fresh.recorder
+    assert r1.values == r0.values and len(r1.values) == 1 and len(r1.values[0]) == 3
+    assert [float(l) for l in r1.losses] == [float(l) for l in r0.losses] and len(r0.losses) == 6
+    assert r1.lrs == r0.lrs and r1.iters == r0.iters == [6] and list(r1.metric_names) == list(r0.metric_names)
+    s0, s1 = learn.opt.state_dict(), fresh.opt.state_dict()
+    assert len(s1['state']) == len(s0['state']) == 4 and s1['hypers'] == s0['hypers']
+    for a, b in zip(s0['state'], s1['state']):
+        assert a.keys() == b.keys() and {'grad_avg', 'sqr_avg', 'step'} <= set(a)
+        assert all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+    assert (fresh.epoch, fresh.n_epoch) == (learn.epoch, learn.n_epoch) == (0, 1)
+    assert list(fresh.final_record) == list(learn.final_record) and len(fresh.final_record) == 3
+    before = params_of(fresh.model)
+    _trained(fresh)   # the applied optimizer state steps
+    assert not all(torch.equal(a, b) for a, b in zip(before.values(), params_of(fresh.model).values()))
+
+def test_apply_result_to_other_model_raises():
+    "Applying a result to a Learner whose model differs raises LaunchError naming the mismatched keys."
+    res = learner_result(_adam_learner(0))
+    other = _adam_learner(0, model=nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
+    before = params_of(other.model)
+    with pytest.raises(LaunchError, match=r"mismatched keys: \['1\.weight', '1\.bias', '3\.weight', '3\.bias'\]"): apply_result(other, res)
+    assert all(torch.equal(a, b) for a, b in zip(before.values(), params_of(other.model).values()))
+
+# ---------------------------------------------------------------- EpochCheckpoint
+
+def _small_sgd() -> Learner: return sgd_learner(digits_dls_plain(64, 32, bs=16, shuffle=True), mlp(0))
+
+def test_epoch_checkpoint_rank0_writes(tmp_path, monkeypatch):
+    "On rank 0 a fit leaves a private checkpoint of its last epoch: completed_epoch, weights, history, tags."
+    monkeypatch.delenv('RANK', raising=False); monkeypatch.delenv('WORLD_SIZE', raising=False)
+    p = tmp_path / 'ck.pth'
+    learn = _small_sgd()
+    with learn.no_bar(), learn.no_logging(): learn.fit(2, 0.1, cbs=EpochCheckpoint(p, job_digest='x'))
+    assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    assert [f.name for f in tmp_path.iterdir()] == ['ck.pth']   # no temp file left beside it
+    ck = torch.load(p, weights_only=False)
+    assert ck['completed_epoch'] == 1 and ck['job_digest'] == 'x' and ck['epoch'] == 1 and ck['n_epoch'] == 2
+    sd = params_of(learn.model)
+    assert ck['state_dict'].keys() == sd.keys() and all(torch.equal(ck['state_dict'][k], sd[k]) for k in sd)
+    assert len(ck['recorder']['values']) == 2 and ck['recorder']['iters'] == learn.recorder.iters
+
+def test_epoch_checkpoint_without_tags(tmp_path, monkeypatch):
+    "Without tags the checkpoint holds only the result and `completed_epoch`."
+    monkeypatch.delenv('RANK', raising=False)
+    p = tmp_path / 'ck.pth'
+    learn = _small_sgd()
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.1, cbs=EpochCheckpoint(p))
+    ck = torch.load(p, weights_only=False)
+    assert ck['completed_epoch'] == 0 and 'job_digest' not in ck
+    assert set(ck) == {'state_dict', 'recorder', 'opt', 'epoch', 'n_epoch', 'final_record', 'completed_epoch'}
+
+@pytest.mark.parametrize('rank,written', [('1', False), ('0', True)])
+def test_epoch_checkpoint_only_on_rank0(tmp_path, monkeypatch, rank, written):
+    """At an epoch end with RANK/WORLD_SIZE faked, only rank 0 of 2 writes. (A whole fit cannot run with WORLD_SIZE=2
+    and no group: fastai's AvgSmoothLoss gathers its loss; so the fit runs as one process and the epoch end is replayed.)"""
+    p = tmp_path / 'ck.pth'
+    learn = _trained(_small_sgd(), 2)
+    cb = EpochCheckpoint(p)
+    learn.add_cb(cb)
+    monkeypatch.setenv('RANK', rank); monkeypatch.setenv('WORLD_SIZE', '2')
+    cb.after_epoch()
+    assert p.exists() == written
+    if written: assert torch.load(p, weights_only=False)['completed_epoch'] == 1
+
+# ---------------------------------------------------------------- worker_learner
+
+def _logged_learner(tmp_path) -> Learner:
+    return sgd_learner(digits_dls_plain(32, 16, bs=16), mlp(0), cbs=CSVLogger(fname=str(tmp_path / 'h.csv')))
+
+def _has(cbs, cls) -> bool: return any(isinstance(c, cls) or c is cls for c in cbs)
+
+def test_worker_learner_rank1_drops_rank0_only_callbacks(tmp_path, monkeypatch):
+    "On rank 1 the CSVLogger and progress bar leave the Learner and the schedule's cbs, and nothing is printed."
+    monkeypatch.setenv('RANK', '1'); monkeypatch.setenv('WORLD_SIZE', '2')
+    learn = _logged_learner(tmp_path)
+    assert _has(learn.cbs, CSVLogger) and _has(learn.cbs, ProgressCallback)
+    keep = AvgSmoothLoss   # not a callback: kept untouched as a stand-in for the user's own entries
+    kwargs = {'cbs': [CSVLogger, CSVLogger(fname='x.csv'), keep], 'lr': 0.1}
+    out, kw = worker_learner(learn, kwargs)
+    assert out is learn and out.logger is noop
+    assert not _has(out.cbs, CSVLogger) and not _has(out.cbs, ProgressCallback)
+    assert kw == {'cbs': [keep], 'lr': 0.1} and len(kwargs['cbs']) == 3   # the caller's kwargs are not modified
+
+def test_worker_learner_rank0_keeps_unless_dropped(tmp_path, monkeypatch):
+    "On rank 0 the callbacks stay (and the logger prints) unless listed in rank0_drops; `quiet` silences the logger."
+    monkeypatch.setenv('RANK', '0'); monkeypatch.setenv('WORLD_SIZE', '2')
+    learn, kw = worker_learner(_logged_learner(tmp_path), {'cbs': CSVLogger})
+    assert _has(learn.cbs, CSVLogger) and _has(learn.cbs, ProgressCallback) and learn.logger is print
+    assert kw['cbs'] == [CSVLogger]
+    learn, kw = worker_learner(_logged_learner(tmp_path), {'cbs': [CSVLogger()]}, rank0_drops=(CSVLogger,))
+    assert not _has(learn.cbs, CSVLogger) and _has(learn.cbs, ProgressCallback) and kw['cbs'] == [] and learn.logger is print
+    learn, kw = worker_learner(lambda: _logged_learner(tmp_path), {}, quiet=True)
+    assert isinstance(learn, Learner) and learn.logger is noop and _has(learn.cbs, CSVLogger) and kw == {}
+
+def test_worker_learner_factory_must_return_learner(monkeypatch):
+    "A factory that returns something other than a Learner raises TypeError naming what it returned."
+    monkeypatch.delenv('RANK', raising=False)
+    with pytest.raises(TypeError, match='returned dict, not a Learner'): worker_learner(lambda: {'model': 1}, {})
+
+# ---------------------------------------------------------------- import order (fresh interpreters)
+
+def _python(code: str) -> str:
+    r = subprocess.run([sys.executable, '-c', code], env=helpers.subprocess_env(MPIFY_PREWARM=0), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().splitlines()[-1]
+
+_CHECK_METHODS = """
+from fastai.learner import Learner
+from mpify_fastai.fastai_hook import _FastaiImportHook
+names = ('fit_ddp', 'ddp', 'save_ddp_job', 'load_ddp_result')
+mods = [getattr(getattr(Learner, n, None), '__module__', None) for n in names]
+print(mods, any(isinstance(f, _FastaiImportHook) for f in sys.meta_path))
+"""
+_METHODS_ADDED = "['mpify_fastai.learner', 'mpify_fastai.learner', 'mpify_fastai.job', 'mpify_fastai.job'] False"
+
+def test_import_alone_imports_neither_fastai_nor_torch():
+    "`import mpify_fastai` loads no fastai or torch module, and leaves its hook waiting on `sys.meta_path`."
+    out = _python("import sys, mpify_fastai\nfrom mpify_fastai.fastai_hook import _FastaiImportHook\n"
+                  "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fastai', 'torch')), "
+                  "sum(isinstance(f, _FastaiImportHook) for f in sys.meta_path))")
+    assert out == '[] 1'
+
+def test_import_mpify_then_fastai_adds_methods():
+    "mpify_fastai first, then `from fastai.vision.all import *`: the Learner methods appear and the hook is gone."
+    assert _python("import sys, mpify_fastai\nfrom fastai.vision.all import *\n" + _CHECK_METHODS) == _METHODS_ADDED
+
+def test_import_fastai_then_mpify_adds_methods():
+    "fastai first, then mpify_fastai: the Learner methods appear at once and no hook is installed."
+    assert _python("import sys\nfrom fastai.vision.all import *\nimport mpify_fastai\n" + _CHECK_METHODS) == _METHODS_ADDED
