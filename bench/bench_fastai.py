@@ -32,3 +32,25 @@ def epoch_times(fit) -> list[float]:
         fit([EpochTimer(path)])
         with open(path) as f: return [float(line) for line in f if line.strip()]
     finally: os.remove(path)
+
+def tabular_learner_1m(n_rows: int = 1_000_000, n_cols: int = 30, bs: int = 4096) -> Learner:
+    """A new tabular user's Learner on random data: `n_rows` x `n_cols` float32 continuous columns and a binary target,
+    `TabularPandas` without procs, a random 80/20 split, fastai's default tabular model and loaders."""
+    import numpy as np, pandas as pd
+    from fastai.data.block import CategoryBlock
+    from fastai.data.transforms import RandomSplitter
+    from fastai.tabular.all import TabularPandas, tabular_learner
+    rng = np.random.default_rng(0)
+    names = [f'c{i}' for i in range(n_cols)]
+    df = pd.DataFrame(rng.standard_normal((n_rows, n_cols), dtype=np.float32), columns=names)
+    df['y'] = (df['c0'] + df['c1'] > 0).astype(np.int64)
+    to = TabularPandas(df, procs=[], cont_names=names, y_names='y', y_block=CategoryBlock(),
+                       splits=RandomSplitter(seed=0)(range(n_rows)))
+    return tabular_learner(to.dataloaders(bs=bs), metrics=accuracy)
+
+class PssProbe(Callback):
+    "At the end of fit, appends `rank pss_kb segment_pss_kb` to the file `path` (see `bench_workers.pss_kb`)."
+    def __init__(self, path: str): self.path = path
+    def after_fit(self):
+        from bench_workers import pss_kb
+        with open(self.path, 'a') as f: f.write(f"{os.environ.get('RANK', '0')} {' '.join(map(str, pss_kb('/mpify-')))}\n")

@@ -97,21 +97,25 @@ def task_launch_accelerate(calls: int) -> dict:
 
 # ---------------------------------------------------------------- figure 2: payload
 
+def time_ours(obj, seg: str, out: dict) -> None:
+    "Append the seconds of mpify's `dumps(obj)` and of its `loads` to `out`, note the bytes, remove the segment file `seg`."
+    from mpify_fastai.serialize import dumps, loads
+    s, p = timed(dumps, obj, segment_path=seg)
+    out['ours_dump_s'].append(s)
+    out['ours_load_s'].append(timed(loads, p.data)[0])
+    out.update(ours_pickle_bytes=len(p.data), ours_bytes=p.nbytes)
+    os.remove(seg)
+
 def task_payload(reps: int) -> dict:
     "Bytes and seconds to serialize and load the digits Learner: mpify's `dumps`/`loads` vs `dill.dumps(recurse=True)`."
     import_like_notebook()
     import dill
-    from mpify_fastai.serialize import dumps, loads
     from bench_fastai import make_learner
     learn = make_learner()
     seg = os.path.join(scratch_dir(), 'payload')
     out = {k: [] for k in ('ours_dump_s', 'ours_load_s', 'dill_dump_s', 'dill_load_s')}
     for _ in range(reps):
-        s, p = timed(dumps, learn, segment_path=seg)
-        out['ours_dump_s'].append(s)
-        out['ours_load_s'].append(timed(loads, p.data)[0])
-        out.update(ours_pickle_bytes=len(p.data), ours_bytes=p.nbytes)
-        os.remove(seg)
+        time_ours(learn, seg, out)
         s, b = timed(dill.dumps, learn, recurse=True)
         out['dill_dump_s'].append(s)
         out['dill_load_s'].append(timed(dill.loads, b)[0])
@@ -256,10 +260,77 @@ def task_return(sizes: list[int], reps: int) -> dict:
         out[str(nbytes)] = {'received_s': rec, 'applied_s': app, 'memcpy_s': copies}
     return out
 
+# ---------------------------------------------------------------- figures 6 and 7: a real-size tabular dataset
+
+def pss_kb(match: str = '') -> tuple[int, int]:
+    "This process's proportional set size in KB: in all (smaps_rollup), and of the mappings whose path contains `match`."
+    with open('/proc/self/smaps_rollup') as f: total = next(int(l.split()[1]) for l in f if l.startswith('Pss:'))
+    part, inside = 0, False
+    with open('/proc/self/smaps') as f:
+        for line in f:
+            head = line.split()
+            if not head[0].endswith(':'): inside = len(head) > 5 and match in head[5]   # a mapping's first line
+            elif inside and head[0] == 'Pss:': part += int(head[1])
+    return total, part
+
+def task_big_payload(reps: int, n_rows: int, n_paths: int) -> dict:
+    """Serialize + load of the 1M-row tabular Learner with mpify's `dumps`/`loads`, C `pickle`, and cloudpickle (the
+    alternative weighed for the design); a list of `n_paths` Paths through `ranch(2, len, items)` vs a C pickle round trip."""
+    import_like_notebook()
+    import pickle, cloudpickle
+    from mpify_fastai import ranch
+    from bench_fastai import tabular_learner_1m
+    build_s, learn = timed(tabular_learner_1m, n_rows)
+    out = {'build_s': build_s}
+    seg = os.path.join(scratch_dir(), 'payload')
+    keys = ('ours_dump_s', 'ours_load_s', 'c_dump_s', 'c_load_s', 'cloud_dump_s', 'cloud_load_s', 'paths_ranch_s', 'paths_c_s')
+    out.update({k: [] for k in keys})
+    items = [Path(f'/data/imagenet/train/n{i % 1000:08d}/{i:08d}.JPEG') for i in range(n_paths)]
+    assert ranch(2, len, [1]) == [1, 1]    # starts the warm server: not what these figures measure
+    for _ in range(reps):
+        time_ours(learn, seg, out)
+        for who, dump in (('c', pickle.dumps), ('cloud', cloudpickle.dumps)):
+            s, b = timed(dump, learn, protocol=5)
+            out[f'{who}_dump_s'].append(s)
+            out[f'{who}_load_s'].append(timed(pickle.loads, b)[0])
+            out[f'{who}_bytes'] = len(b)
+            del b
+        s, res = timed(ranch, 2, len, items)
+        assert res == [n_paths] * 2
+        out['paths_ranch_s'].append(s)
+        out['paths_c_s'].append(timed(lambda: pickle.loads(pickle.dumps(items, protocol=5)))[0])
+    os.rmdir(os.path.dirname(seg))
+    out['dataset_bytes'] = int(learn.dls.train.items.memory_usage().sum() + learn.dls.valid.items.memory_usage().sum())
+    return out
+
+def task_big_fit(later: int, n_rows: int) -> dict:
+    """Wall time of `fit_ddp(1, nprocs=2)` (the session's first call, then `later` more) and of a local `fit(1)` (torch's
+    default threads, and 1 thread as a control) on the 1M-row tabular Learner, without progress display; each fit_ddp
+    worker's PSS at the end of its first fit."""
+    import_like_notebook()
+    import mpify_fastai  # noqa: F401  (adds Learner.fit_ddp)
+    from bench_fastai import PssProbe, tabular_learner_1m
+    learn = tabular_learner_1m(n_rows)
+    fd, probe = tempfile.mkstemp(prefix='mpify-bench-pss-')
+    os.close(fd)
+    def local():
+        with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    try:
+        out = {'ddp_first_s': timed(learn.fit_ddp, 1, nprocs=2, progress=False, cbs=PssProbe(probe))[0],
+               'local_first_s': timed(local)[0], 'ddp_later_s': [], 'local_later_s': [], 'local_1t_s': []}
+        for _ in range(later):
+            out['ddp_later_s'].append(timed(learn.fit_ddp, 1, nprocs=2, progress=False)[0])
+            out['local_later_s'].append(timed(local)[0])
+            out['local_1t_s'].append(with_threads(1, lambda: timed(local)[0]))
+        with open(probe) as f: out['worker_pss_kb'] = sorted([int(x) for x in line.split()] for line in f)
+    finally: os.remove(probe)
+    out['dataset_bytes'] = int(learn.dls.train.items.memory_usage().sum() + learn.dls.valid.items.memory_usage().sum())
+    return out
+
 # ---------------------------------------------------------------- entry point of a child process
 
 TASKS = {'launch_ours': task_launch_ours, 'launch_accelerate': task_launch_accelerate, 'payload': task_payload,
-         'train': task_train, 'return': task_return}
+         'train': task_train, 'return': task_return, 'big_payload': task_big_payload, 'big_fit': task_big_fit}
 
 def child_main(argv: list[str] | None = None) -> None:
     "`python -c 'import bench_workers as b; b.child_main()' TASK PARAMS_JSON OUT_JSON`: run TASK, write its dict to OUT_JSON."

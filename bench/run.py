@@ -17,6 +17,7 @@ VENV = BENCH / '.venv'
 RESULTS = BENCH / 'RESULTS.md'
 PEERS = ('accelerate',)
 MB = 1 << 20
+BIG_ROWS, BIG_PATHS = 1_000_000, 1_000_000   # figures 6 and 7: rows of the tabular dataset, Paths in the list
 
 # ---------------------------------------------------------------- the bench's own environment
 
@@ -59,13 +60,17 @@ def plan(quick: bool) -> list[tuple[str, str, dict]]:
                 ('launch_accelerate', 'launch_accelerate', dict(calls=6)),
                 ('payload', 'payload', dict(reps=1)),
                 ('train', 'train', dict(epochs=3, rounds=1, fit1_later=1)),
-                ('return', 'return', dict(sizes=[100 * MB, 1024 * MB], reps=3))]
+                ('return', 'return', dict(sizes=[100 * MB, 1024 * MB], reps=3)),
+                ('big_payload', 'big_payload', dict(reps=1, n_rows=BIG_ROWS, n_paths=BIG_PATHS)),
+                ('big_fit', 'big_fit', dict(later=1, n_rows=BIG_ROWS))]
     return [('launch_ours', 'launch_ours', dict(later=7, spawn=3, torch_spawn=2, fastai_spawn=2)),
             ('launch_accelerate', 'launch_accelerate', dict(calls=8)),
             ('launch_ours_2', 'launch_ours', dict(later=1, spawn=0, torch_spawn=0, fastai_spawn=0, setup_s=15.)),
             ('payload', 'payload', dict(reps=2)),
             ('train', 'train', dict(epochs=3, rounds=2, fit1_later=2)),
-            ('return', 'return', dict(sizes=[100 * MB, 1024 * MB], reps=5))]
+            ('return', 'return', dict(sizes=[100 * MB, 1024 * MB], reps=5)),
+            ('big_payload', 'big_payload', dict(reps=3, n_rows=BIG_ROWS, n_paths=BIG_PATHS)),
+            ('big_fit', 'big_fit', dict(later=3, n_rows=BIG_ROWS))]
 
 def child_env() -> dict:
     "The child's environment: bench/ (worker helpers) and the repository on the path, for it and for its workers."
@@ -226,9 +231,40 @@ def return_rows(T: Table, R: dict) -> None:
         T.add(f'5. Return a {size(nbytes)} state_dict, received + copied into the model-like tensors, vs one fresh memcpy',
               ('return',), lambda row=row: row('applied_s'), cause=RETURN_CAUSE)
 
+def big_rows(T: Table, R: dict) -> None:
+    "Figures 6 and 7: a 1M-row tabular Learner and 1M Paths, against C pickle and a local fit."
+    P, F = (lambda k: R['big_payload'][k]), (lambda k: R['big_fit'][k])
+    ship = lambda who: med([a + b for a, b in zip(P(f'{who}_dump_s'), P(f'{who}_load_s'))])
+    row = lambda a, b, floor=None: (s(a), s(b), ratio(a, b, floor))
+    T.add('6. Serialize + load the 1M-row tabular Learner: `dumps` + `loads` vs C `pickle.dumps` + `pickle.loads`',
+          ('big_payload',), lambda: row(ship('ours'), ship('c'), ('<=', 1.5)), cause=BIG_PAYLOAD_CAUSE)
+    T.add('6. Design check: cloudpickle.dumps + pickle.loads of the same Learner vs C `pickle`', ('big_payload',),
+          lambda: row(ship('cloud'), ship('c')))
+    T.add('6. Payload bytes: pickle stream (the rest is in the /dev/shm segment) vs C `pickle.dumps`', ('big_payload',),
+          lambda: (size(P('ours_pickle_bytes')), size(P('c_bytes')), ratio(P('ours_pickle_bytes'), P('c_bytes'))))
+    T.add('6. `ranch(2, len, items)` on a list of 1,000,000 `Path`s vs a C pickle round trip of it', ('big_payload',),
+          lambda: row(med(P('paths_ranch_s')), med(P('paths_c_s')), ('<=', 2)), cause=BIG_PAYLOAD_CAUSE)
+    T.add('7. Wall time, later call: `fit_ddp(1, nprocs=2)` vs local `fit(1)` on the 1M-row tabular Learner', ('big_fit',),
+          lambda: row(med(F('ddp_later_s')), med(F('local_later_s')), ('<=', 2)), cause=lambda: big_fit_cause(R))
+    T.add('7. Control: the same, vs local `fit(1)` with 1 thread', ('big_fit',),
+          lambda: row(med(F('ddp_later_s')), med(F('local_1t_s'))))
+    def pss():
+        seg = sum(p[2] for p in F('worker_pss_kb')) * 1024
+        return size(seg), size(F('dataset_bytes')), ratio(seg, F('dataset_bytes'), ('<=', 1.2))
+    T.add('7. Memory: combined PSS of the 2 workers\' payload mappings vs the dataset\'s bytes (one copy, not 2)', ('big_fit',),
+          pss, cause='pages of the segment were written (copy-on-write) or mapped by fewer processes than expected.')
+
+BIG_PAYLOAD_CAUSE = ("the machine was loaded: the C pickler's own work (one call per numpy int in fastai's `idxs` lists, "
+    "one `__reduce__` per Path) dominates both sides; see the raw numbers for the spread.")
+
+def big_fit_cause(R: dict) -> str:
+    F = R['big_fit']
+    return (f"local `fit(1)` took {s(med(F['local_later_s']))} with torch's default threads and {s(med(F['local_1t_s']))} "
+            "with 1: with other work on the machine, fewer cores than threads slow both sides unequally.")
+
 def build_table(R: dict) -> Table:
     T = Table(R)
-    for rows in (launch_rows, payload_rows, training_rows, return_rows): rows(T, R)
+    for rows in (launch_rows, payload_rows, training_rows, return_rows, big_rows): rows(T, R)
     return T
 
 def diagnostics(R: dict) -> list[str]:
@@ -252,6 +288,13 @@ def diagnostics(R: dict) -> list[str]:
            f"`fit_ddp(1)` adds is the launch ({s(med(lo['later_s'])) if 'later_s' in lo else '?'} for a trivial function), "
            f"serializing the Learner ({s(med(pay['ours_dump_s'])) if 'ours_dump_s' in pay else '?'}), building the process "
            "group and the DDP model (above), the first epoch's warm-up in fresh processes, and returning the result."]
+    big = R.get('big_fit', {})
+    if 'worker_pss_kb' in big:
+        out.append("- Memory of the 1M-row `fit_ddp` workers at the end of fit (PSS from /proc/PID/smaps_rollup, and of the "
+                   "payload's /dev/shm mappings from /proc/PID/smaps): " + '; '.join(
+                       f"rank {r}: {size(t * 1024)} in all, {size(p * 1024)} of payload" for r, t, p in big['worker_pss_kb'])
+                   + f". The dataset is {size(big['dataset_bytes'])}; the rest of a worker's PSS is its share of the "
+                   "interpreter, torch and fastai (shared with the warm server it forked from) and its own training memory.")
     return out
 
 # ---------------------------------------------------------------- RESULTS.md
@@ -308,6 +351,18 @@ numbers are inflated and noisy.
    after `copy_` into a preallocated, already-touched set of tensors of the same shapes (received + applied).
    Baseline: `torch.empty(n).copy_(x)` into fresh memory (first-touch page faults included).
 
+6. A real-size tabular dataset, tried as a new user would: a `TabularPandas` of 1,000,000 rows x 30 float32 columns
+   of random data (no procs, a random 80/20 split, `bs=4096`) under `tabular_learner` (bench_fastai.tabular_learner_1m).
+   `dumps(learn, segment_path=...)` + `loads` against C `pickle.dumps(learn, protocol=5)` + `pickle.loads`, and
+   cloudpickle's `dumps` + `pickle.loads` (the alternative weighed for the design), alternating, median of the repeats.
+   `ranch(2, len, items)` with `items` a list of 1,000,000 `Path`s (launch, serialize, both workers load, results back;
+   the warm server already started) against `pickle.loads(pickle.dumps(items))`.
+7. `fit_ddp(1, nprocs=2, progress=False)` on that Learner (first call, then later ones) against a local `fit(1)` without
+   progress bar, alternating; the local fit once more with 1 thread as a control. At the end of the first `fit_ddp`,
+   each worker reads its PSS from `/proc/self/smaps_rollup` and, from `/proc/self/smaps`, the PSS of its mappings of the
+   payload's segment file; the figure compares their sum over the workers with the dataset's bytes (pandas
+   `memory_usage` of the training and validation frames).
+
 Progress relay: rank 0 sends a handful of events per epoch (epoch start, one per bar start, batch updates
 throttled to one per 0.2 s, one table row); the A/B runs `fit_ddp` with the live display and with
 `progress=False` (no events), alternating, steady-state epochs only.
@@ -351,8 +406,15 @@ def write_results(T: Table, R: dict, meta: dict) -> str:
 {raw_numbers(R)}
 ```
 """
-    RESULTS.write_text(text)
+    RESULTS.write_text(text + kept_sections())
     return '\n'.join(table)
+
+WRITTEN_HERE = ('Floors', 'Diagnostics', 'Method', 'Raw numbers')
+
+def kept_sections() -> str:
+    "The sections of the current RESULTS.md that this script does not write (other benches' figures), to keep at the end."
+    old = RESULTS.read_text() if RESULTS.exists() else ''
+    return ''.join(f'\n## {sec.rstrip()}\n' for sec in old.split('\n## ')[1:] if not sec.startswith(WRITTEN_HERE))
 
 def _rounded(x):
     "`x` with floats rounded to 4 decimals, recursively."
@@ -376,7 +438,7 @@ def measure(quick: bool, only: list[str] | None, logs: Path) -> dict:
     for key, task, params in plan(quick):
         if only and key not in only: continue
         print(f'[{time.perf_counter() - t0:6.0f} s] {key} {params}', flush=True)
-        R[key] = run_task(task, params, logs, timeout=300 if quick else 420)
+        R[key] = run_task(task, params, logs, timeout=600 if quick else 900)
         if 'error' in R[key]: print(f"  failed ({R[key]['error']}):\n    " + '\n    '.join(R[key]['log_tail']), flush=True)
     return R
 

@@ -8,13 +8,13 @@ launch finds torch (and fastai) already imported there; `MPIFY_PREWARM=0` turns 
 __version__ = '0.1.0'
 import sys as _sys
 from .errors import LaunchError, WorkerError, WorkerDied, LaunchTimeout, MainGuardError, PayloadError
-from .imports import ImportsError, import_star
+from .imports import ImportsError, global_imports, import_star
 from .launch import ranch
 from .worker import send_event
 from .ddp import in_torchddp, TorchDDPCtx, rank_world, local_rank, local_device, is_rank0
 from .fastai_hook import add_learner_methods_with_fastai as _add_learner_methods_with_fastai
 
-_FASTAI = {'fit_ddp': 'learner', 'DDPSchedules': 'learner', 'DistributedRunner': 'distributed',
+_FASTAI = {'fit_ddp': 'learner', 'DDPMethods': 'learner', 'DistributedRunner': 'distributed',
            'apply_result': 'training', 'learner_result': 'training'}
 
 def __getattr__(name):
@@ -25,7 +25,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'mpify_fastai' has no attribute {name!r}")
 
 __all__ = ['ranch', 'in_torchddp', 'TorchDDPCtx', 'rank_world', 'local_rank', 'local_device', 'is_rank0', 'send_event',
-           'import_star', 'fit_ddp', 'DDPSchedules', 'DistributedRunner', 'apply_result', 'learner_result',
+           'import_star', 'global_imports', 'fit_ddp', 'DDPMethods', 'DistributedRunner', 'apply_result', 'learner_result',
            'LaunchError', 'WorkerError', 'WorkerDied', 'LaunchTimeout', 'MainGuardError', 'PayloadError', 'ImportsError']
 
 _add_learner_methods_with_fastai()

@@ -5,13 +5,15 @@ the network), and gloo/NCCL sockets are pinned to loopback for single-host runs.
 CUDA: GPUs are counted through NVML, and each worker selects its own device before creating its context.
 """
 from __future__ import annotations
-import os, re, shutil, sys, tempfile, time
+import os, re, shutil, sys, time
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Callable, Sequence
-from .launch import check_nprocs, launch
+from typing import Any, Callable, Iterator, Sequence
+from .files import owned_tempdir
+from .launch import check_caller_rank, check_nprocs, launch_in_context
+from .worker import run_in_context
 
-__all__ = ['in_torchddp', 'launch_in_group', 'run_in_group', 'TorchDDPCtx', 'rank_world', 'local_rank', 'local_device', 'is_rank0',
+__all__ = ['in_torchddp', 'launch_in_group', 'TorchDDPCtx', 'rank_world', 'local_rank', 'local_device', 'is_rank0',
            'visible_gpu_count', 'peer_failure']
 
 BACKENDS = ('gloo', 'nccl')
@@ -55,34 +57,66 @@ def _elastic_store(rank: int, world: int, timeout: timedelta):
 
 class TorchDDPCtx:
     """Context manager that makes this process a member of a `torch.distributed` group and tears it down.
-    Reads RANK / WORLD_SIZE (and `in_torchddp`'s MPIFY_* settings, or torchrun's MASTER_ADDR/PORT) from the environment."""
-    def __init__(self, backend: str | None = None, init_method: str | None = None, timeout_s: float | None = None):
-        self.backend = backend or os.environ.get('MPIFY_BACKEND')
-        self.init_method = init_method or os.environ.get('MPIFY_INIT_METHOD', 'env://')
-        self.timeout_s,self.owns = timeout_s,False
+    Reads RANK / WORLD_SIZE (and `in_torchddp`'s MPIFY_* settings, or torchrun's MASTER_ADDR/PORT) from the environment.
+    `ranch(n, fn, ctx=TorchDDPCtx())` plans the group as `in_torchddp` does (`launch_env`): `devices`, `num_threads`.
+    mpify's arguments: `world_size` must equal the number of ranks, `base_rank` must be 0 (several hosts: save the job
+    and run it under torchrun), `use_gpu=False` means gloo on the CPU; `addr`/`port` are refused: nothing listens."""
+    def __init__(self, backend: str | None = None, init_method: str | None = None, timeout_s: float | None = None, *,
+                 devices: Sequence[int] | None = None, num_threads: int | None = None, world_size: int | None = None,
+                 base_rank: int = 0, use_gpu: bool = True, addr: str | None = None, port: int | None = None):
+        if backend is not None and backend not in BACKENDS: raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        if base_rank: raise ValueError(f"base_rank={base_rank}: groups made here hold ranks 0..n-1 on this host. For several "
+                                       "hosts, save the training with learn.save_ddp_job and run it under torchrun")
+        if addr is not None or port is not None:
+            raise ValueError("addr/port are not needed: ranch and in_torchddp meet through a private file store, so nothing "
+                             "listens on the network. Remove them (a group of your own reads MASTER_ADDR/MASTER_PORT)")
+        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+        self.backend,self.init_method,self.timeout_s = backend if use_gpu else (backend or 'gloo'),init_method,timeout_s
+        self.devices,self.num_threads,self.world_size,self.owns,self.launched = devices,num_threads,world_size,False,False
+
+    @contextmanager
+    def launch_env(self, nprocs: int) -> Iterator[Callable[[int], dict]]:
+        "Caller side, before a launch: check backend and devices, make the private store; yields each rank's environment."
+        if self.world_size not in (None, nprocs):
+            raise ValueError(f"world_size={self.world_size} but {nprocs} processes are launched: they must be equal here "
+                             "(several hosts: save the training with learn.save_ddp_job and run it under torchrun)")
+        with group_plan(nprocs, self.backend, self.devices) as env:
+            n = self.num_threads
+            yield env if n is None else (lambda r: {**env(r), 'MPIFY_THREADS': str(n), 'OMP_NUM_THREADS': str(n), 'MPIFY_USER_ENV': ''})
 
     def __enter__(self):
         import torch, torch.distributed as dist
         if dist.is_initialized(): return self
-        dev = local_device()
-        if dev.type == 'cuda': torch.cuda.set_device(dev)
-        backend = self.backend or ('nccl' if dev.type == 'cuda' else 'gloo')
-        threads = os.environ.get('MPIFY_THREADS')
-        if threads and 'OMP_NUM_THREADS' not in os.environ.get('MPIFY_USER_ENV', ''): torch.set_num_threads(int(threads))
-        kw = {} if self.timeout_s is None else {'timeout': timedelta(seconds=self.timeout_s)}
         missing = [k for k in ('RANK', 'WORLD_SIZE') if k not in os.environ]
         if missing: raise RuntimeError(f"TorchDDPCtx needs {' and '.join(missing)} in the environment: run it under "
                                        "ranch/in_torchddp or torchrun, or set them (and MASTER_ADDR/MASTER_PORT) yourself")
         rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-        if self.init_method == 'env://' and 'TORCHELASTIC_RESTART_COUNT' in os.environ:
+        if self.world_size not in (None, world): raise ValueError(f"TorchDDPCtx(world_size={self.world_size}) in a world of {world}")
+        dev = local_device()
+        if dev.type == 'cuda': torch.cuda.set_device(dev)
+        backend = self.backend or os.environ.get('MPIFY_BACKEND') or ('nccl' if dev.type == 'cuda' else 'gloo')
+        threads = os.environ.get('MPIFY_THREADS')
+        if threads and 'OMP_NUM_THREADS' not in os.environ.get('MPIFY_USER_ENV', ''): torch.set_num_threads(int(threads))
+        kw = {} if self.timeout_s is None else {'timeout': timedelta(seconds=self.timeout_s)}
+        self.launched = self.init_method is None and 'MPIFY_INIT_METHOD' in os.environ
+        init_method = self.init_method or os.environ.get('MPIFY_INIT_METHOD', 'env://')
+        if init_method == 'env://' and 'TORCHELASTIC_RESTART_COUNT' in os.environ:
             kw['store'] = _elastic_store(rank, world, kw.get('timeout', timedelta(minutes=10)))
-        else: kw['init_method'] = self.init_method
+        else: kw['init_method'] = init_method
         dist.init_process_group(backend, rank=rank, world_size=world, **kw)
         self.owns = True
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        """Leave the group. Under a launcher an error must arrive first as its root cause: a failing rank keeps its
+        group up (tearing it down would close its sockets before its error is sent, and NCCL's teardown can block on
+        peers stuck in a collective); a rank whose collective failed only because a peer went away waits a moment,
+        so that the peer's error or death is what gets reported. The worker exits right after either way."""
         import torch.distributed as dist
+        if exc is not None and self.launched:
+            if peer_failure(exc): time.sleep(_PEER_GRACE)
+            return False
         if self.owns and dist.is_initialized(): dist.destroy_process_group()
         self.owns = False
         return False
@@ -98,20 +132,6 @@ def peer_failure(e: BaseException | None) -> bool:
         if isinstance(e, RuntimeError) and _PEER_FAILURE.search(str(e)): return True
         e = e.__cause__ or e.__context__
     return False
-
-def run_in_group(fn: Callable, *args, **kwargs) -> Any:
-    """Worker side of `in_torchddp`: join the group, run `fn`, leave the group.
-    The launcher reports the first error it receives and stops every worker, so on an error the root cause must
-    arrive first: a failing rank keeps the group up (tearing it down would close its sockets before its error is
-    sent, and NCCL's teardown can block on peers stuck in a collective), and a rank whose collective failed only
-    because a peer went away waits a moment, so that the peer's error or death is what gets reported."""
-    ctx = TorchDDPCtx().__enter__()
-    try: res = fn(*args, **kwargs)
-    except BaseException as e:
-        if peer_failure(e): time.sleep(_PEER_GRACE)
-        raise
-    ctx.__exit__(None, None, None)
-    return res
 
 def _plan_devices(nprocs: int, backend: str | None, devices: Sequence[int] | None) -> tuple[str, list[str]]:
     "Choose the backend and each rank's device before anything starts; raise on what cannot work."
@@ -151,22 +171,31 @@ def ddp_env(nprocs: int, backend: str, devices: list[str], store_dir: str) -> Ca
 def group_plan(nprocs: int, backend: str | None = None, devices: Sequence[int] | None = None):
     "Check backend/devices and make a private store folder; yields the per-rank env function; removes the folder after."
     backend, devs = _plan_devices(nprocs, backend, devices)
-    store_dir = tempfile.mkdtemp(prefix='mpify-store-')
+    store_dir = owned_tempdir('store')
     try: yield ddp_env(nprocs, backend, devs, store_dir)
     finally: shutil.rmtree(store_dir, ignore_errors=True)
 
 def launch_in_group(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = None, *, backend: str | None = None,
                     devices: Sequence[int] | None = None, **launch_opts) -> Any:
     "The engine behind `in_torchddp`: `launch` (same options: `on_event`, `gather`, ...) with every worker in one group."
-    with group_plan(nprocs, backend, devices) as env:
-        return launch(nprocs, run_in_group, (fn,) + tuple(args), kwargs, env=env, **launch_opts)
+    return launch_in_context(nprocs, fn, args, kwargs, TorchDDPCtx(backend, devices=devices), **launch_opts)
 
 def in_torchddp(nprocs: int, fn: Callable, *args, backend: str | None = None, devices: Sequence[int] | None = None,
+                ctx=None, world_size: int | None = None, base_rank: int = 0, caller_rank: int | None = None,
                 gather='all', need: str = '', imports: str = '', start_method: str = 'warm',
                 timeout: float | None = None, output: str = 'rank0', **kwargs) -> Any:
     """Like `ranch`, but every worker is a member of one `torch.distributed` process group while `fn` runs:
-    NCCL with one GPU per rank where GPUs are visible, gloo otherwise (`backend=` overrides); `devices` picks GPU ids."""
+    NCCL with one GPU per rank where GPUs are visible, gloo otherwise (`backend=` overrides); `devices` picks GPU ids.
+    `ctx`: your own context manager, entered inside the group around `fn`, or a `TorchDDPCtx` to use as the group.
+    mpify's `world_size` must equal `nprocs` and `base_rank` be 0; `caller_rank` must be None (see `ranch`)."""
+    check_caller_rank(caller_rank)
     nprocs = check_nprocs(nprocs)
     if not callable(fn): raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    return launch_in_group(nprocs, fn, args, kwargs, backend=backend, devices=devices, gather=gather, need=need,
-                           imports=imports, start_method=start_method, timeout=timeout, output=output)
+    group = TorchDDPCtx(backend, devices=devices, world_size=world_size, base_rank=base_rank)
+    if isinstance(ctx, TorchDDPCtx) or (isinstance(ctx, type) and issubclass(ctx, TorchDDPCtx)):
+        if backend is not None or devices is not None:
+            raise ValueError("give backend/devices either to in_torchddp or to its ctx=TorchDDPCtx(...), not both")
+        group, ctx = (ctx() if isinstance(ctx, type) else ctx), None
+    if ctx is not None: fn, args = run_in_context, (ctx, fn) + args
+    return launch_in_context(nprocs, fn, args, kwargs, group, gather=gather, need=need, imports=imports,
+                             start_method=start_method, timeout=timeout, output=output)

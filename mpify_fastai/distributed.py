@@ -2,38 +2,92 @@
 (the counterpart of fastai's own `fastai.distributed`, without its CUDA-only and accelerate-only parts).
 
 Training batches: every rank draws the same shuffled order (a seed shared at `before_fit`) and takes every
-world-th index, padded so all ranks step together. Validation: unpadded shards on the plain module (no
-collective in the forward), then the metric accumulators are summed or gathered across ranks before the
-Recorder reads them, so every rank logs the exact whole-set values a single process would.
+world-th index, padded so all ranks step together (a language model's loader: a block of its text streams).
+Validation: unpadded shards of whole batches, the local run's own, on the plain module (no collective in the
+forward), then the metric accumulators are summed or gathered across ranks before the Recorder reads them, so every
+rank logs the exact whole-set values a single process would.
 """
 from __future__ import annotations
 import random, warnings
+from contextlib import contextmanager
+import numpy as np
 import torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from fastai.callback.core import Callback
-from fastai.learner import AvgLoss, AvgMetric, AvgSmoothLoss
-from fastai.metrics import AccumMetric
+from fastai.learner import AvgSmoothLoss
 from fastai.torch_core import to_detach
 from .ddp import local_device, rank_world
 
-__all__ = ['DistributedRunner', 'shard_dl', 'unshard_dl', 'metric_shares', 'combine_metric_shares', 'reduce_metrics',
-           'opt_state_to']
+__all__ = ['DistributedRunner', 'ModuleDDP', 'shard_dl', 'unshard_dl', 'accumulator_names', 'metric_shares',
+           'combine_metric_shares', 'reduce_metrics', 'opt_state_to']
 
-_SHARD_ATTRS = ('get_idxs', 'to_detach', 'n', 'rng')
+_SHARD_ATTRS = ('get_idxs', 'to_detach', 'n', 'rng', 'bs', 'create_item')
 
-def shard_dl(dl, rank: int, world: int, pad: bool, seed: int) -> dict:
+@contextmanager
+def _global_rngs_seeded(seed: int):
+    "Python's, numpy's and torch's global RNGs seeded with `seed` inside, and each back to its own state after."
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+    try: yield
+    finally: random.setstate(states[0]); np.random.set_state(states[1]); torch.set_rng_state(states[2])
+
+def _fold_rank_into_rngs(rank: int) -> None:
+    """Make this rank's global RNGs (Python's, numpy's, torch's) its own: workers forked from one process start with
+    identical states, and would draw the same dropout masks, MixUp mixes and DataLoader-worker seeds (so the same
+    augmentations) on every rank. Each is reseeded from its own next draw and the rank: deterministic, distinct per rank."""
+    random.seed(f'{random.getrandbits(64)}-{rank}')
+    np.random.seed([int(np.random.randint(2**31)), rank])
+    torch.manual_seed(random.Random(f'{int(torch.randint(0, 2**62, ()))}-{rank}').getrandbits(63))
+
+def shard_dl(dl, rank: int, world: int, pad: bool, seed: int, by_batch: bool = False) -> dict:
     """Make `dl` yield only rank `rank`'s share of each epoch's indices (padded by repetition to equal length if
-    `pad`); its `to_detach` stops gathering. Returns what `unshard_dl` needs to undo it."""
+    `pad`); its `to_detach` stops gathering. Every rank draws the same epoch order from a shared seed: the DataLoader's
+    own `rng`, and the global RNGs too while it orders (`SortedDL` shuffles with numpy's), which then go back to this
+    rank's own state, so augmentation stays per rank. `by_batch` (unpadded): rank r takes the local epoch's whole
+    batches r, r+world, ..., so each batch is one a local run forms (a padded text batch pads as locally, and fastai's
+    text classifier's outputs depend on that padding). Returns what `unshard_dl` needs to undo it."""
     saved = {k: dl.__dict__[k] for k in _SHARD_ATTRS if k in dl.__dict__}
-    full_n, full_get_idxs = dl.n, dl.get_idxs
-    per_rank = -(-full_n // world) if pad else len(range(rank, full_n, world))
+    full_n, full_get_idxs, shared = dl.n, dl.get_idxs, random.Random(f'{seed}-global')
+    if _is_lm_loader(dl): return _shard_lm_dl(dl, rank, world, seed, saved, shared)
+    by_batch = by_batch and not pad and bool(dl.bs)
+    per_rank = (sum(min(dl.bs, full_n - k) for k in range(0, full_n, dl.bs)[rank::world]) if by_batch else
+                -(-full_n // world) if pad else len(range(rank, full_n, world)))
     def get_idxs():
         dl.n = full_n
-        try: idxs = list(full_get_idxs())
+        try:
+            with _global_rngs_seeded(shared.getrandbits(63)): idxs = list(full_get_idxs())
         finally: dl.n = per_rank
+        if by_batch: return [i for k in range(rank * dl.bs, len(idxs), world * dl.bs) for i in idxs[k:k + dl.bs]]
         if pad and len(idxs) % world: idxs = (idxs * (world // max(1, len(idxs)) + 2))[:-(-len(idxs) // world) * world]
         return idxs[rank::world]
     dl.get_idxs, dl.n, dl.rng = get_idxs, per_rank, random.Random(seed)
+    dl.to_detach = lambda b, cpu=True, gather=True: to_detach(b, cpu, gather=False)
+    return saved
+
+def _is_lm_loader(dl) -> bool:
+    return any(f'{c.__module__}.{c.__qualname__}' == 'fastai.text.data.LMDataLoader' for c in type(dl).__mro__)
+
+def _shard_lm_dl(dl, rank: int, world: int, seed: int, saved: dict, shared: random.Random) -> dict:
+    """`shard_dl` for fastai's `LMDataLoader`: its `bs` rows are text streams that go on from batch to batch (the RNN
+    carries its hidden state along them), and item `s` is window `s // bs` of stream `s % bs`. Each rank takes a block
+    of whole streams, through every batch: its batches have `bs // world` rows (the effective batch stays `bs`, as in a
+    local fit), every rank steps `n_batches` times, and each stream keeps its order and its hidden state (interleaved
+    indices would tear streams apart and mix window lengths in a batch). The texts are shuffled with the shared seed."""
+    full_n, full_bs, full_get_idxs, full_create_item = dl.n, dl.bs, dl.get_idxs, dl.create_item
+    lo, hi = rank * full_bs // world, (rank + 1) * full_bs // world
+    if hi == lo: raise ValueError(f"a language-model DataLoader needs bs >= the number of processes: bs={full_bs}, {world} processes")
+    rows, per_rank = hi - lo, full_n // full_bs * (hi - lo)
+    def get_idxs():
+        dl.n, dl.bs = full_n, full_bs
+        try:
+            with _global_rngs_seeded(shared.getrandbits(63)): idxs = list(full_get_idxs())
+        finally: dl.n, dl.bs = per_rank, rows
+        return [i for i in idxs if lo <= i % full_bs < hi]
+    def create_item(s):
+        dl.n, dl.bs = full_n, full_bs     # the loader's geometry is the whole batch's
+        try: return full_create_item(s)
+        finally: dl.n, dl.bs = per_rank, rows
+    dl.get_idxs, dl.create_item, dl.n, dl.bs, dl.rng = get_idxs, create_item, per_rank, rows, random.Random(seed)
     dl.to_detach = lambda b, cpu=True, gather=True: to_detach(b, cpu, gather=False)
     return saved
 
@@ -45,37 +99,65 @@ def unshard_dl(dl, saved: dict):
 def _comm_device() -> torch.device:
     return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
 
-def _cat(ts: list) -> torch.Tensor | None:
-    ts = [t for t in ts if t is not None and t.numel()]
-    return torch.cat(ts) if ts else None
+_ADDITIVE = (int, float, torch.Tensor, list, dict)
 
-def _summable(m) -> bool: return isinstance(m, (AvgMetric, AvgLoss)) or (hasattr(m, 'total') and hasattr(m, 'count'))
+def accumulator_names(m) -> list[str]:
+    """The attributes a metric's `reset()` assigns (its accumulators: `total`/`count`, `inter`/`union`, `preds`/`targs`,
+    ...), found by resetting a copy that records assignments; [] where that cannot be done."""
+    assigned = []
+    class Recording(type(m)):
+        def __setattr__(self, k, v):
+            assigned.append(k)
+            object.__setattr__(self, k, v)
+    try:
+        probe = object.__new__(Recording)
+        probe.__dict__.update(m.__dict__)
+        probe.reset()
+    except Exception: return []
+    return sorted({k for k in assigned if isinstance(getattr(probe, k, None), _ADDITIVE)})
+
+def _cpu(v):
+    if isinstance(v, torch.Tensor): return v.detach().cpu()
+    if isinstance(v, list): return [_cpu(x) for x in v]
+    if isinstance(v, dict): return {k: _cpu(x) for k, x in v.items()}
+    return v
+
+def _combine(values: list):
+    """Whole-set value of one accumulator from every rank's: numbers and tensors add up (in float64, back in their type),
+    lists of numbers add up element-wise, other lists (batches of predictions) concatenate, dicts combine per key."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {k: _combine([v[k] for v in values if k in v]) for k in dict.fromkeys(k for v in values for k in v)}
+    if isinstance(first, list):
+        if all(isinstance(x, (int, float)) for v in values for x in v) and len({len(v) for v in values}) == 1:
+            return [_combine(list(xs)) for xs in zip(*values)]
+        return [x for v in values for x in v]
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]   # a rank that saw no batch still holds its 0
+    if tensors: return sum(torch.as_tensor(v).double() for v in values).to(tensors[0].dtype)
+    total = sum(values)
+    return int(total) if all(isinstance(v, int) for v in values) else float(total)
 
 def metric_shares(mets) -> list:
-    """This rank's share of each metric's accumulator: ('sum', total, count) for `AvgMetric`/`AvgLoss` (and any metric
-    with `total`/`count`), ('cat', preds, targs) for `AccumMetric`, None for what needs no combining or cannot be."""
-    return [('sum', float(m.total), int(m.count)) if _summable(m) else
-            ('cat', _cat(m.preds), _cat(m.targs)) if isinstance(m, AccumMetric) else None for m in mets]
+    "This rank's accumulators of each metric (name -> value, on the CPU), or None for `AvgSmoothLoss` (already global)."
+    return [None if isinstance(m, AvgSmoothLoss) else {k: _cpu(getattr(m, k)) for k in accumulator_names(m)} for m in mets]
 
 def combine_metric_shares(mets, shares_by_rank: list[list]) -> list[str]:
-    """Set each metric's accumulator to the whole set's, from every rank's `metric_shares` (in rank order, so every
-    rank computes the same values); returns the names of metrics that cannot be combined."""
+    """Set each metric's accumulators to the whole set's, from every rank's `metric_shares` (in rank order, so every rank
+    computes the same values); returns the type names of metrics that have no accumulators to combine."""
     uncombinable = []
     for i, m in enumerate(mets):
         shares = [r[i] for r in shares_by_rank]
-        if shares[0] is None:
-            if not isinstance(m, AvgSmoothLoss) and type(m).__name__ not in uncombinable: uncombinable.append(type(m).__name__)
-        elif shares[0][0] == 'sum':   # a tensor stays one: `Perplexity` takes `torch.exp` of total/count
-            total = sum(s[1] for s in shares)
-            m.total, m.count = torch.tensor(total, dtype=torch.float64) if torch.is_tensor(m.total) else total, sum(s[2] for s in shares)
-        else:
-            p, t = _cat([s[1] for s in shares]), _cat([s[2] for s in shares])
-            m.preds, m.targs = ([p], [t]) if p is not None else ([], [])
+        if shares[0] is None: continue
+        if not shares[0]:
+            if type(m).__name__ not in uncombinable: uncombinable.append(type(m).__name__)
+            continue
+        for k in shares[0]: setattr(m, k, _combine([s[k] for s in shares]))
     return uncombinable
 
 def reduce_metrics(mets) -> None:
-    """Combine each rank's metric accumulators into whole-set values on every rank (`AvgSmoothLoss` is already
-    global); warn about a metric that cannot be combined: it reports this rank's shard."""
+    """Combine each rank's metric accumulators into whole-set values on every rank. The rule is general: whatever a
+    metric's `reset()` assigns is an accumulator, and accumulators add up (or concatenate); a metric without any
+    (`ValueMetric`, say) reports this rank's value, with a warning."""
     world = dist.get_world_size()
     if world == 1: return
     everyone = [None] * world
@@ -83,6 +165,14 @@ def reduce_metrics(mets) -> None:
     for m in combine_metric_shares(mets, everyone):
         warnings.warn(f"mpify_fastai: metric {m} has no known way to combine across ranks; each rank reports its own "
                       "shard's value")
+
+class ModuleDDP(DistributedDataParallel):
+    "DistributedDataParallel that also answers for its module's attributes and methods (`reset`, `encoder`, ...), as fastai's callbacks expect of `learn.model`."
+    def __getattr__(self, name: str):
+        try: return super().__getattr__(name)
+        except AttributeError:
+            if name == 'module': raise
+            return getattr(self.module, name)
 
 class DistributedRunner(Callback):
     "Wrap the model in DistributedDataParallel, shard the dataloaders across ranks, and keep validation metrics exact."
@@ -99,10 +189,16 @@ class DistributedRunner(Callback):
         seed = torch.randint(0, 2**31 - 1, (1,), device=_comm_device() if self.world > 1 else 'cpu')
         if self.world > 1: dist.broadcast(seed, 0)
         seed = int(seed.item())
-        self.saved = [(dl, shard_dl(dl, self.rank, self.world, pad=(i == 0), seed=seed + i)) for i, dl in enumerate(self.dls.loaders)]
+        if self.world > 1: _fold_rank_into_rngs(self.rank)
+        self.saved = [(dl, shard_dl(dl, self.rank, self.world, pad=(i == 0), seed=seed + i, by_batch=(i > 0)))
+                      for i, dl in enumerate(self.dls.loaders)]
         sync = self.sync_bn and self.world > 1 and self.device.type == 'cuda'   # SyncBatchNorm runs on GPUs only
         self.plain = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model) if sync else self.model
-        self.ddp_model = DistributedDataParallel(self.plain, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
+        # parameters with no elements (the BatchNorm1d(0) of a TabularModel without continuous columns, as collab's
+        # use_nn=True builds) never get a gradient: DDP would call them unused
+        empty = [n for n, p in self.plain.named_parameters() if p.numel() == 0]
+        if empty: DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.plain, empty)
+        self.ddp_model = ModuleDDP(self.plain, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
                                            **self.ddp_kwargs)
         self.learn.model,self.training_fit = self.ddp_model,True
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import ast, importlib
 from typing import Iterable
 
-__all__ = ['ImportsError', 'parse_imports', 'run_imports', 'import_star']
+__all__ = ['ImportsError', 'parse_imports', 'run_imports', 'global_imports', 'import_star']
 
 class ImportsError(ValueError):
     "`imports=` text that is not a sequence of import statements."
@@ -27,12 +27,20 @@ def run_imports(src: str, ns: dict) -> dict:
     if tree.body: exec(compile(tree, '<imports>', 'exec'), ns)
     return ns
 
+def global_imports(imports: str | Iterable[str], ns: dict | None = None) -> dict:
+    """mpify's `global_imports`: run import statements (a string, or a list of lines as mpify takes) into `ns`
+    (default: this process's `__main__`); only import statements are accepted."""
+    import sys
+    src = imports if isinstance(imports, str) else '\n'.join(imports)
+    return run_imports(src, sys.modules['__main__'].__dict__ if ns is None else ns)
+
 def _public_names(mod) -> list[str]:
     names = getattr(mod, '__all__', None)
     return list(names) if names is not None else [n for n in vars(mod) if not n.startswith('_')]
 
 def import_star(modules: str | Iterable[str], ns: dict | None = None) -> dict:
-    "Do `from m import *` for each module name in `modules` into `ns` (default: the caller's globals), usable inside functions."
+    """Do `from m import *` for each module name in `modules` into `ns`, usable inside functions. The default namespace is
+    the caller's globals: for a notebook function that is `__main__`, as in mpify; a module's function sees them too."""
     if ns is None:
         import sys
         ns = sys._getframe(1).f_globals

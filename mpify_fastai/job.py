@@ -12,19 +12,17 @@ import io, os, sys
 from pathlib import Path
 from typing import Callable
 from fastai.learner import Learner
-from fastai.callback.core import Callback
 from fastcore.basics import patch
-from fastcore.foundation import L
 from .ddp import TorchDDPCtx, rank_world
 from .files import atomic_write
 from .imports import parse_imports, run_imports
 from .jobfile import JobFileError, check_job_file, check_result_path, job_digest
 from .launch import need_globals
 from .serialize import dumps, loads
-from .training import (RESUMABLE, SCHEDULES, EpochCheckpoint, apply_result, fit_distributed, learner_result, merged_history,
+from .training import (RESUMABLE, SCHEDULES, apply_result, fit_distributed, learner_result, resume_callbacks,
                        worker_learner)
 
-__all__ = ['save_job', 'load_ddp_job', 'run_job', 'resume_kwargs', 'resumable_checkpoint', 'ResumedHistory']
+__all__ = ['save_job', 'load_ddp_job', 'run_job', 'resumable_checkpoint']
 
 JOB_VERSION = 1
 
@@ -60,26 +58,6 @@ def load_ddp_job(path: str | os.PathLike) -> dict:
     if not isinstance(job, dict) or 'source' not in job: raise JobFileError(f"{path} holds no mpify_fastai job")
     return {**job, 'digest': job_digest(data)}
 
-def resume_kwargs(method: str, kwargs: dict, start_epoch: int) -> dict:
-    "Keyword arguments that make `method` skip to `start_epoch`."
-    kwargs = {**kwargs, 'start_epoch': start_epoch}
-    if method == 'fit_flat_cos':   # fastai's fit_flat_cos accepts start_epoch but passes 0 on to fit
-        from fastai.learner import SkipToEpoch
-        kwargs['cbs'] = L(kwargs.get('cbs')) + [SkipToEpoch(start_epoch)]
-    return kwargs
-
-class ResumedHistory(Callback):
-    "After a fit resumed from checkpoint `resumed`: put the checkpointed history of the skipped epochs back in front."
-    order = 51
-    def __init__(self, resumed: dict): self.resumed = resumed
-    def after_fit(self):
-        import torch
-        rec = self.recorder
-        hist = merged_history({k: getattr(rec, k) for k in ('values', 'losses', 'lrs', 'iters')}, self.resumed['recorder'],
-                              self.resumed['completed_epoch'] + 1)
-        rec.values, rec.lrs, rec.iters = hist['values'], hist['lrs'], hist['iters']
-        rec.losses = [x if isinstance(x, torch.Tensor) else torch.tensor(x) for x in hist['losses']]
-
 def resumable_checkpoint(checkpoint: Path, job: dict) -> dict | None:
     "The checkpoint to resume from: one this very job wrote, for a schedule that can skip epochs; else None."
     import torch
@@ -103,12 +81,9 @@ def run_job(path: str | os.PathLike, result: str | os.PathLike, checkpoint: str 
         state = [resumable_checkpoint(checkpoint, job) if rank == 0 else None]
         if world > 1: dist.broadcast_object_list(state, 0)
         resumed = state[0]
-        cbs = [EpochCheckpoint(checkpoint, resumed, job_digest=job['digest'])]
-        if resumed is not None:
-            apply_result(learn, resumed)
-            kwargs = resume_kwargs(job['method'], kwargs, resumed['completed_epoch'] + 1)
-            cbs.append(ResumedHistory(resumed))
-            if rank == 0: print(f"mpify_fastai: resuming from {checkpoint} after epoch {resumed['completed_epoch']}", flush=True)
+        if resumed is not None and rank == 0:
+            print(f"mpify_fastai: resuming from {checkpoint} after epoch {resumed['completed_epoch']}", flush=True)
+        kwargs, cbs = resume_callbacks(learn, job['method'], kwargs, checkpoint, resumed, job_digest=job['digest'])
         fit_distributed(learn, job['method'], job['args'], kwargs, job['sync_bn'], job['ddp_kwargs'], cbs=cbs)
         if rank == 0:
             atomic_write(result, lambda f: torch.save(learner_result(learn), f))

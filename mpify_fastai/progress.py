@@ -45,15 +45,22 @@ class ProgressDisplay:
     """Caller side: turns rank 0's progress events into a fastprogress master bar and table (HTML in Jupyter),
     plus the loss graph of `ShowGraphCallback` when `graph`."""
     def __init__(self, graph: bool = False):
-        self.mbar,self.pbar,self.graph = None,None,graph
+        self.mbar,self.pbar,self.graph,self.resume_at = None,None,graph,None
         self.losses,self.val_losses,self.epoch_ends,self.n_epoch = [],[],[],0
 
     def __call__(self, rank: int, kind: str, what: str, *data: Any):
         if kind != 'progress' or rank != 0: return
         getattr(self, f'_{what}')(*data)
 
+    def restarting(self, message: str, epoch: int):
+        "Say why the run restarts; its new attempt resumes at `epoch` in this same table, without the rows it skips."
+        if self.mbar is None: print(message, flush=True)
+        else: self.mbar.write(message)
+        self.resume_at = epoch
+
     def _fit(self, n_epoch: int, names: list[str]):
         from fastprogress.fastprogress import master_bar
+        if self.resume_at is not None and self.mbar is not None: return
         self.n_epoch,self.losses,self.val_losses,self.epoch_ends = n_epoch,[],[],[]
         self.mbar = master_bar(list(range(n_epoch)))
         # as fastai's ProgressCallback: no on_iter_begin here. The first `update(0)` begins the bar and opens the one
@@ -71,7 +78,7 @@ class ProgressDisplay:
         if loss is not None: self.pbar.comment = f'{loss:.4f}'
         self.pbar.update(i)
     def _row(self, cells: list[str], losses: list[float] = (), val_loss: float | None = None):
-        if not self.mbar: return
+        if not self.mbar or (self.resume_at is not None and int(cells[0]) < self.resume_at): return
         self.mbar.write(cells, table=True)
         self.losses += losses
         if not (self.graph and val_loss is not None and self.losses): return
@@ -83,4 +90,5 @@ class ProgressDisplay:
     def _end(self):
         if self.pbar is not None: self.pbar.on_iter_end(); self.pbar = None
         if self.mbar is not None: self.mbar.on_iter_end(); self.mbar = None
+        self.resume_at = None
     def close(self): self._end()

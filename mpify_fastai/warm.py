@@ -7,6 +7,7 @@ its pipe closes (caller exit or SIGKILL alike), and is started again on the next
 """
 from __future__ import annotations
 import os, sys, threading
+from contextlib import contextmanager
 import multiprocess as mp
 from multiprocess import forkserver
 from ._proc import forkserver_alive, in_spawn_bootstrap, stop_forkserver
@@ -41,6 +42,17 @@ def stop_warm_server() -> None:
         stop_forkserver()
         _started_with = None
 
+@contextmanager
+def _caller_path_for_server():
+    """The server imports its preloads with the caller's `sys.path` (a checkout added at run time, a notebook's folder):
+    multiprocess's server does not apply the path it is given, and a preload it cannot import is skipped silently."""
+    old = os.environ.get('PYTHONPATH')
+    os.environ['PYTHONPATH'] = os.pathsep.join(p for p in sys.path if p)
+    try: yield
+    finally:
+        if old is None: del os.environ['PYTHONPATH']
+        else: os.environ['PYTHONPATH'] = old
+
 def warm_context():
     """The multiprocess 'forkserver' context, its server started (or restarted) with `warm_preload()`.
     A server missing modules the caller now uses is replaced, so it always holds what workers need."""
@@ -52,7 +64,7 @@ def warm_context():
         stop_forkserver()
         _ready.clear()
         forkserver.set_forkserver_preload(list(want))
-        forkserver.ensure_running()
+        with _caller_path_for_server(): forkserver.ensure_running()
         _started_with = want
     return mp.get_context('forkserver')
 

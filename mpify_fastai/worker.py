@@ -5,11 +5,11 @@ It dies with its caller (parent-death signal plus a watchdog on the pipe), runs 
 caller's Ctrl-C reaches only the caller, and keeps a result's segment file until the caller acks it.
 """
 from __future__ import annotations
-import ctypes, os, signal, sys, threading, traceback
+import ctypes, errno, faulthandler, os, signal, sys, threading, traceback, warnings
 from .imports import run_imports
 from .serialize import dumps, loads
 
-__all__ = ['worker_main', 'send_event', 'MAIN_GUARD_EXIT', 'ACK']
+__all__ = ['worker_main', 'run_in_context', 'send_event', 'stack_file', 'MAIN_GUARD_EXIT', 'ACK', 'STACKS_SIGNAL']
 
 MAIN_GUARD_EXIT = 86     # exit code of a worker that found itself re-importing an unguarded script
 ACK = 'ack'              # the caller's reply once it has mapped a result's segment file
@@ -56,6 +56,16 @@ class _OutputForwarder:
     def encoding(self): return 'utf-8'
 
 _channel: _Channel | None = None   # set in a worker process
+_stacks = None                      # the file this worker's Python stacks go to on STACKS_SIGNAL (kept open)
+STACKS_SIGNAL = signal.SIGUSR1
+
+def stack_file(scratch: str, rank: int) -> str: return os.path.join(scratch, f'stacks-{rank}.txt')
+
+def _stacks_on_request(path: str) -> None:
+    "On STACKS_SIGNAL, write every thread's Python stack to `path`, even while blocked in a collective (faulthandler)."
+    global _stacks
+    _stacks = open(path, 'w')
+    faulthandler.register(STACKS_SIGNAL, file=_stacks, all_threads=True)
 
 def worker_main(rank: int, conn, spec: dict) -> None:
     "Entry point of every worker process: set up, run the call from `spec['payload']`, send its result or error, exit."
@@ -65,15 +75,18 @@ def worker_main(rank: int, conn, spec: dict) -> None:
     if spec.get('base_env') is not None:   # forkserver: the server's environ is from when it started, not the caller's now
         os.environ.clear(); os.environ.update(spec['base_env'])
     os.environ.update(spec['env'][rank])
+    server = sys.modules.get('mpify_fastai._server_init')   # forked from the warm server: its imports were quiet
+    if server is not None: warnings.resetwarnings(); warnings.filters.extend(server.worker_filters())
     chan = _channel = _Channel(conn)
     sys.stdout, sys.stderr = _OutputForwarder(chan, 'stdout'), _OutputForwarder(chan, 'stderr')
+    _stacks_on_request(stack_file(spec['scratch'], rank))
     try:
         run_imports(spec['imports'], sys.modules['__main__'].__dict__)
         with open(spec['payload'], 'rb') as f: fn, args, kwargs = loads(f.read())
         res = fn(*args, **kwargs)
         sys.stdout.flush(); sys.stderr.flush()
         if spec['gather'] in ('all', rank):
-            out = dumps(res, ship_globals=False, segment_path=os.path.join(spec['scratch'], f'result-{rank}'))
+            out = _result_payload(res, spec, rank)
             chan.send('result', out.data)
             chan.acked.wait(_ACK_TIMEOUT)    # the caller maps our segment file before we go
         else: chan.send('result', None)
@@ -83,6 +96,25 @@ def worker_main(rank: int, conn, spec: dict) -> None:
         chan.send('error', type(e).__qualname__, str(e), traceback.format_exc(), _pickled_exception(e))
         os._exit(1)   # what was sent stays readable in the pipe after we exit
     os._exit(0)       # done: threads the function left running must not keep the caller waiting
+
+def _result_payload(res, spec: dict, rank: int):
+    "`res` serialized for the caller; its big buffers in the call's scratch folder, or on disk if that is full."
+    seg = os.path.join(spec['scratch'], f'result-{rank}')
+    try: return dumps(res, ship_globals=False, segment_path=seg)
+    except OSError as e:
+        if e.errno != errno.ENOSPC: raise
+        if os.path.exists(seg): os.remove(seg)
+        os.makedirs(spec['spill'], exist_ok=True)
+        print(f"mpify_fastai: {spec['scratch']} is full; rank {rank}'s result goes through {spec['spill']} on disk",
+              file=sys.stderr, flush=True)
+        return dumps(res, ship_globals=False, segment_path=os.path.join(spec['spill'], f'result-{rank}'))
+
+def run_in_context(ctx, fn, *args, **kwargs):
+    "Run `fn(*args, **kwargs)` inside `ctx`: a context manager, or a zero-argument callable returning one."
+    cm = ctx if hasattr(ctx, '__enter__') and not isinstance(ctx, type) else ctx()
+    if not (hasattr(cm, '__enter__') and hasattr(cm, '__exit__')):
+        raise TypeError(f"ctx() returned {type(cm).__name__}, not a context manager")
+    with cm: return fn(*args, **kwargs)
 
 def _pickled_exception(e: BaseException) -> bytes | None:
     "`e` pickled for the caller to re-raise as the `__cause__`, or None when it does not survive a round trip."

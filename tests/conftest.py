@@ -45,3 +45,8 @@ def main_ns():
     for k in list(main):
         if k not in before: del main[k]
     main.update(before)
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path, monkeypatch):
+    "Every test runs in its own folder: what fastai writes relative to a Learner's path ('models/...') never lands in the repository."
+    monkeypatch.chdir(tmp_path)

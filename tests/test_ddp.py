@@ -110,7 +110,7 @@ def _listeners_proc(pids) -> list[tuple[int, str, int]]:
     return res
 
 def _store_dirs() -> set[str]:
-    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith('mpify-store-')}
+    return {n for n in os.listdir(tempfile.gettempdir()) if re.match(r'mpify-\d+-store-', n)}
 
 def _my_scratch_dirs() -> list[str]:
     "Scratch folders `launch` made for this process (it names them mpify-<caller pid>-*)."
@@ -149,7 +149,8 @@ def _threads_env():
 
 def _ctx_under_ranch(store_dir: str, port: int):
     "Run by plain `ranch` (no group yet): build groups with TorchDDPCtx three ways, check each is torn down."
-    from mpify_fastai.ddp import TorchDDPCtx, rank_world, run_in_group
+    from mpify_fastai.ddp import TorchDDPCtx, rank_world
+    from mpify_fastai.worker import run_in_context
     out = {'before': dist.is_initialized(), 'rank_world_env': rank_world()}
     rank = int(os.environ['RANK'])
     # 1. explicit backend + file store
@@ -166,7 +167,7 @@ def _ctx_under_ranch(store_dir: str, port: int):
     os.environ.update(MPIFY_BACKEND='gloo', MPIFY_INIT_METHOD=f'file://{store_dir}/b')
     def body():
         t = torch.tensor([10.0 * (rank + 1)]); dist.all_reduce(t); return t.item(), dist.is_initialized()
-    out['sum2'], out['inside2'] = run_in_group(body)
+    out['sum2'], out['inside2'] = run_in_context(TorchDDPCtx, body)   # the class: made in the worker, reads the env then
     out['after2'] = dist.is_initialized()
     for k in ('MPIFY_BACKEND', 'MPIFY_INIT_METHOD'): del os.environ[k]
     # 3. torchrun-style env:// rendezvous (MASTER_ADDR/MASTER_PORT), and a body that raises
@@ -390,7 +391,7 @@ def test_rank_raising_between_collectives(tmp_path):
     # the rendezvous folder of this run is removed, and so is launch's scratch folder
     store = re.search(r'store=file://(\S+)', str(e)).group(1)
     store_dir = os.path.dirname(store)
-    assert os.path.dirname(store_dir) == tempfile.gettempdir() and os.path.basename(store_dir).startswith('mpify-store-')
+    assert os.path.dirname(store_dir) == tempfile.gettempdir() and os.path.basename(store_dir).startswith(f'mpify-{os.getpid()}-store-')
     assert not os.path.exists(store_dir), f"store folder {store_dir} left behind"
     assert not _my_scratch_dirs()
 

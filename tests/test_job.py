@@ -240,7 +240,7 @@ def _tiny_learner():
 @pytest.mark.parametrize('method', ['fit', 'fit_one_cycle', 'fit_flat_cos', 'fit_sgdr'])
 def test_resumable_schedules_skip_the_checkpointed_epochs(method):
     "What a restarted group calls: every schedule listed as resumable trains only the epochs after the checkpoint."
-    from mpify_fastai.job import RESUMABLE, resume_kwargs
+    from mpify_fastai.training import RESUMABLE, resume_kwargs
     assert method in RESUMABLE
     args = {'fit_sgdr': (2, 1)}.get(method, (3,))   # 3 epochs each (sgdr: 1 + 2)
     learn = _tiny_learner()

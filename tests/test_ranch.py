@@ -3,14 +3,14 @@
 Every test here runs under the `no_leftovers` fixture: when it ends, no descendant of this process may remain
 (zombies count) and no /dev/shm/mpify-* scratch may be left behind.
 """
-import ctypes, os, signal, subprocess, sys, time
+import contextlib, ctypes, os, signal, subprocess, sys, time
 import multiprocess as mp
 import pytest
 import helpers
 from helpers import (Boom, chatter, delayed_rank, echo, fail_on, rank_env, sleep_forever, square_rank,
                      touch_rank)
-from mpify_fastai import (ImportsError, LaunchError, LaunchTimeout, PayloadError, WorkerDied, WorkerError,
-                          ranch, send_event)
+from mpify_fastai import (ImportsError, LaunchError, LaunchTimeout, PayloadError, TorchDDPCtx, WorkerDied, WorkerError,
+                          in_torchddp, ranch, send_event)
 from mpify_fastai.launch import launch
 
 pytestmark = pytest.mark.usefixtures('no_leftovers')
@@ -237,11 +237,22 @@ BAD_CALLS = {
     'bad start_method': (lambda: ranch(2, echo, start_method='thread'), ValueError, "start_method must be one of"),
     'gather=2': (lambda: ranch(2, echo, gather=2), ValueError, 'gather must be'),
     'gather=-1': (lambda: ranch(2, echo, gather=-1), ValueError, 'gather must be'),
-    'gather=True': (lambda: ranch(2, echo, gather=True), ValueError, 'gather must be'),
     'gather="first"': (lambda: ranch(2, echo, gather='first'), ValueError, 'gather must be'),
     'bad output': (lambda: ranch(2, echo, output='loud'), ValueError, 'output must be one of'),
     'timeout=0': (lambda: ranch(2, echo, timeout=0), ValueError, 'timeout must be'),
+    'caller_rank=0': (lambda: ranch(2, echo, caller_rank=0), ValueError, 'caller_rank=0: the caller never runs a rank'),
+    'ctx not a context': (lambda: ranch(2, echo, ctx=42), TypeError, 'ctx must be a context manager'),
+    'ctx a running generator': (lambda: ranch(2, echo, ctx=_generator_context()), TypeError, 'ctx=my_context, not'),
+    'in_torchddp caller_rank': (lambda: in_torchddp(2, echo, caller_rank=0), ValueError, 'use gather=0'),
+    'in_torchddp world_size': (lambda: in_torchddp(2, echo, world_size=4), ValueError, 'world_size=4 but 2 processes'),
+    'in_torchddp base_rank': (lambda: in_torchddp(2, echo, base_rank=2), ValueError, 'run it under torchrun'),
+    'TorchDDPCtx addr': (lambda: ranch(2, echo, ctx=TorchDDPCtx(addr='10.0.0.1')), ValueError, 'nothing listens'),
+    'TorchDDPCtx world_size': (lambda: ranch(2, echo, ctx=TorchDDPCtx(world_size=3)), ValueError, 'world_size=3 but 2'),
+    'both backend and ctx': (lambda: in_torchddp(2, echo, backend='gloo', ctx=TorchDDPCtx()), ValueError, 'not both'),
 }
+
+@contextlib.contextmanager
+def _generator_context(): yield
 
 @pytest.mark.parametrize('case', list(BAD_CALLS))
 def test_bad_input_fails_before_any_process_starts(case):

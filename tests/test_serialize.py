@@ -195,3 +195,178 @@ def test_check_picklable_raises_payload_error():
         check_picklable({'args[0]': 1, 'args[1]': learn})
     assert 'args[1].dls.after_item: <generator>' in str(ei.value)
     assert isinstance(ei.value, TypeError)
+
+def test_open_file_is_refused_and_left_intact(tmp_path):
+    "dill reopened a pickled file in its mode, so 'w' truncated it in every receiver: an open file is refused, by path."
+    path = tmp_path / 'log.txt'
+    path.write_text('keep me\n')
+    with open(path, 'a') as f:
+        holder = Obj()
+        holder.log = f
+        with pytest.raises(Exception):
+            dumps(holder, segment_path=str(tmp_path / 'seg'))
+        assert find_unpicklable({'cb': holder}, 'kw') == "kw['cb'].log: <TextIOWrapper>"
+    assert path.read_text() == 'keep me\n' and not (tmp_path / 'seg').exists()
+
+# ---------------------------------------------------------------- numpy and pandas
+
+np = pytest.importorskip('numpy')
+pd = pytest.importorskip('pandas')
+
+DTYPES = ['bool', 'int8', 'uint16', 'int32', 'int64', 'float16', 'float32', 'float64', 'complex128', 'datetime64[ns]', '<U3',
+          [('a', 'i4'), ('b', 'f8')]]
+
+def _round_trip(obj, tmp_path):
+    p = dumps(obj, segment_path=str(tmp_path / 'seg'))
+    return p, loads(p.data)
+
+@pytest.mark.parametrize('n', [5, 40_000])   # in the pickle stream and through the segment file
+@pytest.mark.parametrize('dtype', DTYPES, ids=str)
+def test_numpy_dtypes_round_trip(tmp_path, dtype, n):
+    a = (np.arange(n * 2) % 100).astype(dtype).reshape(n, 2)
+    p, b = _round_trip(a, tmp_path)
+    assert b.dtype == a.dtype and b.shape == a.shape and np.array_equal(b, a)
+    assert b.flags.writeable
+    assert (p.segment_path is not None) == (a.nbytes >= SHARE_MIN_BYTES)
+    assert len(p.data) < 10_000 or a.nbytes < SHARE_MIN_BYTES, "a large array went into the pickle stream"
+
+def test_numpy_layouts_round_trip(tmp_path):
+    "Non-contiguous, Fortran-ordered, negative strides, zero-size, 0-d, memory-mapped, object dtype: all survive."
+    base = np.arange(200_000, dtype=np.float64).reshape(400, 500)
+    mapped = np.memmap(tmp_path / 'mapped.bin', dtype=np.float32, mode='w+', shape=(50_000,))
+    mapped[:] = 1.5
+    cases = {'rows': base[::3], 'cols': base[:, 1::2], 'fortran': np.asfortranarray(base), 'transposed': base.T,
+             'reversed': base[::-1, ::-2], 'empty': np.empty((0, 7), np.float32), 'scalar0d': np.array(3.5),
+             'mapped': mapped, 'objects': np.array([1, 'two', None, {'k': [3]}, (4,)], dtype=object)}
+    p, out = _round_trip(cases, tmp_path)
+    for k, a in cases.items():
+        b = out[k]
+        assert b.dtype == a.dtype and b.shape == a.shape, k
+        assert (b == a).all() if a.dtype == object else np.array_equal(b, a), k
+        assert b.flags.writeable, k
+    assert out['fortran'].flags.f_contiguous
+    assert os.path.getsize(p.segment_path) >= base.nbytes
+
+def test_numpy_scalars_keep_their_types(tmp_path):
+    "fastai keeps lists of numpy ints (a DataLoader's `idxs`): they travel compactly and come back as the same types."
+    xs = [np.int64(-3), np.uint8(200), np.float32(1 / 3), np.float64(2.5), np.bool_(True), np.complex64(1 + 2j), np.float16(0.1)]
+    _, ys = _round_trip(xs, tmp_path)
+    assert [type(y) for y in ys] == [type(x) for x in xs] and ys == xs
+    idxs = list(np.arange(100_000))
+    assert len(dumps(idxs).data) < 1_200_000, "numpy ints should take a few bytes each"
+
+def test_receiver_writes_to_arrays_do_not_reach_sender_or_segment(tmp_path):
+    a = np.arange(100_000, dtype=np.float32)
+    keep = a.copy()
+    p, b = _round_trip(a, tmp_path)
+    b += 1
+    assert np.array_equal(a, keep) and np.array_equal(loads(p.data), keep)
+
+def test_dataframe_round_trip(tmp_path):
+    "Mixed dtypes, categoricals and NaN: blocks go out of band, the frame comes back equal and writable."
+    n = 50_000
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({'f32': rng.standard_normal(n).astype(np.float32), 'i64': np.arange(n), 'b': np.arange(n) % 3 == 0,
+                       'cat': pd.Categorical(rng.choice(['a', 'b', 'c'], n)), 'txt': [f'r{i % 7}' for i in range(n)],
+                       'when': pd.date_range('2020-01-01', periods=n, freq='min'),
+                       'nan': np.where(np.arange(n) % 5 == 0, np.nan, 1.0)}, index=np.arange(n) * 2)
+    p, out = _round_trip({'df': df, 'col': df['f32']}, tmp_path)
+    pd.testing.assert_frame_equal(out['df'], df)
+    pd.testing.assert_series_equal(out['col'], df['f32'])
+    assert len(p.data) < df.memory_usage(deep=True).sum() / 4, "the numeric blocks should travel out of band"
+    out['df'].loc[0, 'f32'] = 99.
+    assert df.loc[0, 'f32'] != 99.
+
+# ---------------------------------------------------------------- what comes back holds its own bytes
+
+def test_a_view_travels_with_its_own_bytes_only(tmp_path):
+    "A small view of a big storage (a received segment, a slice) sends its bytes, not the storage's."
+    X = torch.arange(1_000_000.)
+    p, (head, tail, again) = _round_trip([X[10:20], X[-5:], X[12:14]], tmp_path)
+    assert p.nbytes < 10_000, p.nbytes
+    assert head.tolist() == list(range(10, 20)) and tail.tolist() == [999_995., 999_996., 999_997., 999_998., 999_999.]
+    assert head.untyped_storage().nbytes() < 1_000 and again.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()
+    p, back = _round_trip(loads(dumps(X, segment_path=str(tmp_path / 'seg1')).data)[:3], tmp_path)
+    assert back.tolist() == [0., 1., 2.] and p.nbytes < 1_000
+
+# ---------------------------------------------------------------- code by value
+
+CODE = '''
+import functools
+class Base:
+    scale = 2
+    def __init__(self, v): self.v = v
+class Derived(Base):
+    def __init__(self, v): super().__init__(v + 1)
+    def value(self): return self.v * self.scale
+def fact(n): return 1 if n == 0 else n * fact(n - 1)
+def make_counter(start):
+    def count(step=1, *, twice=False):
+        nonlocal start
+        start += step * (2 if twice else 1)
+        return start
+    count.label = 'counter'
+    return count
+def recursive_closure():
+    def f(n): return 0 if n == 0 else 1 + f(n - 1)
+    return f
+'''
+
+def test_notebook_code_by_value_keeps_its_identities(main_ns):
+    "Classes, subclasses, super(), closures (recursive too), defaults, keyword defaults and function attributes."
+    ns = main_ns(CODE)
+    counter = ns['make_counter'](10)
+    objs = [ns['Derived'](1), ns['Base'], counter, ns['recursive_closure'](), ns['fact'], lambda x: x + 1]
+    payload = dumps(objs)
+    for k in ('Base', 'Derived', 'fact', 'make_counter', 'recursive_closure'): del ns[k]
+    d, base, count, rec, fact, inc = loads(payload.data)
+    assert isinstance(d, base) and type(d).__bases__ == (base,) and d.value() == 4   # one Base, also as the base class
+    assert ns['fact'] is fact and 'Base' not in ns                                     # what the code names came with it
+    assert count() == 11 and count(2, twice=True) == 15 and count.label == 'counter' and count.__name__ == 'count'
+    assert rec(5) == 5 and fact(5) == 120 and inc(1) == 2
+
+KINDS = '''
+import abc, dataclasses, functools, typing
+@dataclasses.dataclass
+class DC:
+    a: int = 1
+    b: list = dataclasses.field(default_factory=list)
+class NT(typing.NamedTuple):
+    x: int
+    y: str = 'y'
+class Slotted:
+    __slots__ = ('p', 'q')
+    def __init__(self): self.p, self.q = 1, 2
+class Props(abc.ABC):
+    K = 3
+    @property
+    def twice(self): return self.K * 2
+    @classmethod
+    def make(cls): return cls()
+    @staticmethod
+    def inc(x): return x + 1
+    @abc.abstractmethod
+    def f(self): ...
+class Impl(Props):
+    def f(self): return 'f'
+    class Inner:
+        v = 5
+@functools.lru_cache(maxsize=8)
+def cached(x): return x * 2
+def use(dc, nt):
+    return [dc.a, dc.b, nt.y, Slotted().q, Impl.make().twice, Impl.inc(1), Impl().f(), Impl.Inner.v, cached(4),
+            isinstance(Impl(), Props), cached.cache_parameters()['maxsize']]
+'''
+
+def test_notebook_classes_of_every_kind_in_fresh_process(main_ns, tmp_path):
+    "dataclass, NamedTuple, __slots__, property / classmethod / staticmethod, ABC, nested class, lru_cache."
+    ns = main_ns(KINDS)
+    out = _load_in_fresh_process(dumps((ns['use'], (ns['DC'](5, [1]), ns['NT'](3)))), tmp_path)
+    assert out == repr([5, [1], 'y', 2, 6, 2, 'f', 5, 8, True, 8])
+
+def test_payload_without_tensors_names_neither_torch_nor_fastai(main_ns, tmp_path):
+    "The launcher starts a call whose payload names neither on spawn while the warm server is still starting."
+    ns = main_ns(CODE + KINDS)
+    p = dumps((ns['use'], (ns['DC'](), ns['Derived'](1), ns['make_counter'](1), ns['cached'], np.zeros(100_000))),
+              segment_path=str(tmp_path / 'seg'))
+    assert p.segment_path and b'torch' not in p.data and b'fastai' not in p.data

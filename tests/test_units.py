@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger, ProgressCallback
 from fastai.data.load import DataLoader
-from fastai.learner import AvgLoss, AvgMetric, AvgSmoothLoss, Learner, Metric
+from fastai.learner import AvgLoss, AvgMetric, AvgSmoothLoss, Learner, Metric, ValueMetric
 from fastai.losses import CrossEntropyLossFlat
-from fastai.metrics import BalancedAccuracy, F1Score, Perplexity, accuracy
+from fastai.metrics import (BalancedAccuracy, Dice, DiceMulti, F1Score, JaccardCoeff, JaccardCoeffMulti, Perplexity,
+                            accuracy)
 from fastai.optimizer import Adam
 from fastai.torch_core import to_detach
 from fastcore.basics import noop
@@ -23,7 +25,8 @@ from fastai_helpers import digits_dls_plain, mlp, params_of, sgd_learner
 from mpify_fastai.distributed import combine_metric_shares, metric_shares, shard_dl, unshard_dl
 from mpify_fastai.errors import LaunchError
 from mpify_fastai.progress import ProgressDisplay
-from mpify_fastai.training import EpochCheckpoint, apply_result, learner_result, merged_history, worker_learner
+from mpify_fastai.training import (EpochCheckpoint, apply_result, is_rank0_only, learner_result, merged_history,
+                                   worker_learner)
 
 # ---------------------------------------------------------------- shard_dl / unshard_dl
 
@@ -129,8 +132,8 @@ def test_combined_metric_shares_equal_whole_set(world):
     shards = [[_value(m) for m in mets] for mets in ranks]
     assert any(abs(a - b) > 1e-3 for s in shards for a, b in zip(s, whole))   # each shard alone is not the answer
     shares = [metric_shares(mets) for mets in ranks]
-    assert [s[0] for s in shares[0]] == ['sum', 'sum', 'cat', 'cat']
-    assert sum(s[0][2] for s in shares) == N_MET and sum(len(s[2][2]) for s in shares) == N_MET
+    assert [sorted(s) for s in shares[0]] == [['count', 'total'], ['count', 'total'], ['preds', 'targs'], ['preds', 'targs']]
+    assert sum(s[0]['count'] for s in shares) == N_MET and sum(len(t) for s in shares for t in s[2]['targs']) == N_MET
     combined = []
     for mets in ranks:
         assert combine_metric_shares(mets, shares) == []
@@ -145,7 +148,7 @@ def test_combine_metric_shares_with_an_empty_rank():
     whole = [_value(m) for m in _accumulate(_make_metrics(), pred, y)]
     ranks = [_accumulate(_make_metrics(), pred, y), _accumulate(_make_metrics(), pred[:0], y[:0])]
     shares = [metric_shares(mets) for mets in ranks]
-    assert shares[1][2] == ('cat', None, None) and shares[1][0] == ('sum', 0.0, 0)
+    assert shares[1][2] == {'preds': [], 'targs': []} and shares[1][0] == {'count': 0, 'total': 0.0}
     for mets in ranks:
         combine_metric_shares(mets, shares)
         assert [_value(m) for m in mets] == pytest.approx(whole, abs=1e-6)
@@ -161,7 +164,7 @@ def test_combined_perplexity_equals_whole_set():
         assert _value(mets[0]) == pytest.approx(_value(whole), abs=1e-6)
 
 class Median(Metric):
-    "A metric keeping its own state (no total/count/preds): cannot be combined across ranks."
+    "A metric of the user's own, keeping its own state: a list of predictions its `reset()` assigns."
     def reset(self): self.vals = []
     def accumulate(self, learn): self.vals.append(learn.pred)
     @property
@@ -174,17 +177,45 @@ class SummedLoss(Metric):
     @property
     def value(self): return self.total / self.count
 
-def test_uncombinable_metrics_reported_by_type_name():
-    "`AvgSmoothLoss` is not reported (already global); a metric without total/count/preds is, once, by type name."
+def test_general_rule_combines_user_metrics_and_reports_stateless_ones():
+    "Whatever `reset()` assigns is combined (a user's Median and SummedLoss are exact); `AvgSmoothLoss` is left alone, a stateless `ValueMetric` is reported once, by type name."
     pred, y = _metric_data()
-    ranks = [_accumulate([AvgSmoothLoss(), Median(), SummedLoss(), Median()], pred[r::2], y[r::2]) for r in range(2)]
-    own = [[_value(m) for m in mets] for mets in ranks]
+    make = lambda: [AvgSmoothLoss(), Median(), SummedLoss(), ValueMetric(lambda: 1.0, 'one'), ValueMetric(lambda: 2.0, 'two')]
+    ranks = [_accumulate(make(), pred[r::2], y[r::2]) for r in range(2)]
+    own = [_value(m) for m in ranks[0]]
     shares = [metric_shares(mets) for mets in ranks]
-    assert shares[0][0] is None and shares[0][1] is None and shares[0][2][0] == 'sum'
-    assert combine_metric_shares(ranks[0], shares) == ['Median']
-    whole = _accumulate([SummedLoss()], pred, y)[0]
-    assert _value(ranks[0][2]) == pytest.approx(_value(whole), abs=1e-6)
-    assert _value(ranks[0][1]) == own[0][1] and _value(ranks[0][0]) == own[0][0]   # left as they were
+    assert shares[0][0] is None and list(shares[0][1]) == ['vals'] and shares[0][3] == {}
+    assert combine_metric_shares(ranks[0], shares) == ['ValueMetric']
+    whole = _accumulate(make(), pred, y)
+    assert _value(ranks[0][1]) == pytest.approx(_value(whole[1]), abs=1e-6) != own[1]
+    assert _value(ranks[0][2]) == pytest.approx(_value(whole[2]), abs=1e-6)
+    assert _value(ranks[0][0]) == own[0]   # left as it was
+
+def _segmentation(n=9, c=3, hw=5):
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, c, (n, hw, hw), generator=g)
+    pred = torch.randn(n, c, hw, hw, generator=g) + 2 * F.one_hot(y, c).permute(0, 3, 1, 2) * (torch.rand(n, 1, hw, hw, generator=g) > .3)
+    return pred, y
+
+@pytest.mark.parametrize('world', [2, 3])
+def test_segmentation_metrics_are_exact(world):
+    "Dice, JaccardCoeff (inter/union sums) and the multi-class ones (per-class dicts) combine to their whole-set values."
+    pred, y = _segmentation()
+    bin_y, bin_pred = (y == 1).long(), torch.stack([pred[:, 0] + pred[:, 2], pred[:, 1]], 1)
+    make = lambda: [Dice(), JaccardCoeff(), DiceMulti(), JaccardCoeffMulti()]
+    def feed(mets, p, t, bp, bt):
+        for m in mets: m.reset()
+        for i in range(0, len(t), 2):
+            for m, (pp, tt) in zip(mets, [(bp, bt), (bp, bt), (p, t), (p, t)]):
+                m.accumulate(SimpleNamespace(pred=pp[i:i + 2], y=tt[i:i + 2], yb=(tt[i:i + 2],), to_detach=to_detach))
+        return mets
+    whole = [_value(m) for m in feed(make(), pred, y, bin_pred, bin_y)]
+    ranks = [feed(make(), pred[r::world], y[r::world], bin_pred[r::world], bin_y[r::world]) for r in range(world)]
+    assert any(abs(_value(m) - w) > 1e-3 for m, w in zip(ranks[0], whole))   # a shard alone is not the answer
+    shares = [metric_shares(mets) for mets in ranks]
+    for mets in ranks:
+        assert combine_metric_shares(mets, shares) == []
+        assert [_value(m) for m in mets] == pytest.approx(whole, abs=1e-6)
 
 # ---------------------------------------------------------------- ProgressDisplay
 
@@ -368,7 +399,7 @@ def test_worker_learner_rank0_keeps_unless_dropped(tmp_path, monkeypatch):
     learn, kw = worker_learner(_logged_learner(tmp_path), {'cbs': CSVLogger})
     assert _has(learn.cbs, CSVLogger) and _has(learn.cbs, ProgressCallback) and learn.logger is print
     assert kw['cbs'] == [CSVLogger]
-    learn, kw = worker_learner(_logged_learner(tmp_path), {'cbs': [CSVLogger()]}, rank0_drops=(CSVLogger,))
+    learn, kw = worker_learner(_logged_learner(tmp_path), {'cbs': [CSVLogger()]}, rank0_drops=('fastai.callback.progress.CSVLogger',))
     assert not _has(learn.cbs, CSVLogger) and _has(learn.cbs, ProgressCallback) and kw['cbs'] == [] and learn.logger is print
     learn, kw = worker_learner(lambda: _logged_learner(tmp_path), {}, quiet=True)
     assert isinstance(learn, Learner) and learn.logger is noop and _has(learn.cbs, CSVLogger) and kw == {}
@@ -409,3 +440,61 @@ def test_import_mpify_then_fastai_adds_methods():
 def test_import_fastai_then_mpify_adds_methods():
     "fastai first, then mpify_fastai: the Learner methods appear at once and no hook is installed."
     assert _python("import sys\nfrom fastai.vision.all import *\nimport mpify_fastai\n" + _CHECK_METHODS) == _METHODS_ADDED
+
+# ---------------------------------------------------------------- shards of any DataLoader kind; the DDP wrapper
+
+def _sorted_dl(n=40):
+    from fastai.text.data import SortedDL
+    items = [list(range(1 + (i * 7) % 13)) for i in range(n)]
+    return SortedDL(items, res=[(len(x),) for x in items], bs=4, shuffle=True, before_batch=lambda b: b,
+                    create_batch=lambda b: b)
+
+@pytest.mark.parametrize('world', [2, 3])
+def test_sorted_dl_shards_partition_the_epoch_and_keep_rank_randomness(world):
+    "SortedDL shuffles with numpy's global RNG: with ranks in different RNG states, their shards still partition one epoch, and each rank's global RNG state is its own afterwards."
+    import numpy as np, random
+    shares = []
+    for rank in range(world):
+        np.random.seed(100 + rank); random.seed(rank); torch.manual_seed(rank)   # as augmentation/dropout leave them
+        np.random.rand(rank * 7)                                                # ... having drawn different amounts
+        dl = _sorted_dl()
+        shard_dl(dl, rank, world, pad=False, seed=7)
+        before = np.random.get_state()[1].copy(), random.getstate(), torch.get_rng_state()
+        shares.append(list(dl.get_idxs()))
+        after = np.random.get_state()[1], random.getstate(), torch.get_rng_state()
+        assert (after[0] == before[0]).all() and after[1] == before[1] and torch.equal(after[2], before[2])
+    assert sorted(i for s in shares for i in s) == list(range(40))
+    assert shares[0] != sorted(shares[0])                                       # shuffled, not in plain order
+
+def test_module_ddp_answers_for_its_module(tmp_path):
+    "Under DDP, `learn.model.reset()` and the module's attributes work, as fastai's callbacks (ModelResetter) expect."
+    import torch.distributed as dist
+    from mpify_fastai.distributed import ModuleDDP
+    class WithReset(nn.Module):
+        def __init__(self): super().__init__(); self.encoder = nn.Linear(3, 3); self.resets = 0
+        def reset(self): self.resets += 1
+        def forward(self, x): return self.encoder(x)
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
+    try:
+        m = ModuleDDP(WithReset())
+        m.reset(); m.reset()
+        assert m.module.resets == 2 and m.encoder is m.module.encoder and m(torch.ones(1, 3)).shape == (1, 3)
+        with pytest.raises(AttributeError, match='no_such_thing'): m.no_such_thing
+    finally: dist.destroy_process_group()
+
+class MyLogger(Callback):
+    "A user's callback that talks to the outside world: marked to run on rank 0 only."
+    rank0_only = True
+
+def test_rank0_only_marker_and_fastai_loggers(monkeypatch):
+    "`rank0_only = True` on a user's callback, fastai's loggers (and their subclasses) run on rank 0 only; others run everywhere."
+    class MyCSV(CSVLogger): pass
+    assert is_rank0_only(MyLogger()) and is_rank0_only(MyLogger) and is_rank0_only(MyCSV) and is_rank0_only(ProgressCallback())
+    assert not is_rank0_only(EpochCheckpoint('x')) and not is_rank0_only(AvgSmoothLoss)
+    monkeypatch.setenv('RANK', '1'); monkeypatch.setenv('WORLD_SIZE', '2')
+    learn = sgd_learner(digits_dls_plain(64, 32, bs=16), mlp(), cbs=[MyLogger()])
+    learn, kw = worker_learner(learn, {'cbs': [MyLogger(), MyCSV()]})
+    assert not any(isinstance(cb, MyLogger) for cb in learn.cbs) and kw['cbs'] == []
+    monkeypatch.setenv('RANK', '0')
+    learn, kw = worker_learner(sgd_learner(digits_dls_plain(64, 32, bs=16), mlp(), cbs=[MyLogger()]), {'cbs': [MyLogger()]})
+    assert any(isinstance(cb, MyLogger) for cb in learn.cbs) and len(kw['cbs']) == 1

@@ -19,6 +19,7 @@ def test_later_launches_fork_from_one_server_that_never_touched_cuda():
     from mpify_fastai import ranch
     from mpify_fastai.warm import prewarm, warm_ready
     prewarm().join()                            # what `import mpify_fastai` starts in a torch session, awaited
+    ranch(1, _cuda_state_of, torch.zeros(1))    # a torch job: served by the warm server, which is then known ready
     assert warm_ready()
     server = _server_pid()
     t = time.monotonic()
@@ -83,6 +84,6 @@ def test_a_light_call_does_not_wait_for_a_starting_server():
     stop_warm_server()
     t = time.monotonic()
     assert ranch(2, _sum, 1, 2) == [3, 3]
-    assert time.monotonic() - t < 5 and not warm_ready()
+    assert time.monotonic() - t < 10 and not warm_ready()   # done before the server finished starting
 
 def _sum(a, b): return a + b

@@ -1,0 +1,69 @@
+"""Inference under DDP: each rank runs `get_preds`, `tta` or `validate` on its own shard of one DataLoader; the caller
+puts the shards back together in the order a local call returns.
+
+A rank's shard is its share of the DataLoader's own (unshuffled) batches, unpadded, so no item is counted twice and
+every batch is one a local call forms; nothing the worker's Learner detaches is gathered across ranks. `validate` combines the metric accumulators across ranks, as a fit does.
+"""
+from __future__ import annotations
+from typing import Any, Callable
+import torch
+from fastai.callback.core import Callback
+from fastai.learner import Learner
+from fastai.torch_core import to_detach
+from .ddp import rank_world
+from .distributed import reduce_metrics, shard_dl
+from .training import DRAWN_BY_CALLER, worker_learner
+
+__all__ = ['INFERENCE', 'rank_shard', 'infer_in_worker', 'merge_shards']
+
+INFERENCE = ('get_preds', 'tta', 'validate')
+
+def rank_shard(dl, rank: int, world: int) -> tuple:
+    """Rank `rank`'s share of `dl` as a new DataLoader, as training shards validation: whole batches of the local order
+    (a text batch pads as it does locally), whole streams for a language model; with the dataset indices it yields,
+    and their positions in `dl`'s own order."""
+    order = list(dl.get_idxs())
+    shard = dl.new(shuffle=False, drop_last=False)
+    shard_dl(shard, rank, world, pad=False, seed=0, by_batch=True)
+    idxs, where = list(shard.get_idxs()), {i: p for p, i in enumerate(order)}
+    return shard, idxs, [where[i] for i in idxs]
+
+class _CombinedMetrics(Callback):
+    "Before the Recorder reads them, every rank's validation metrics become the whole set's."
+    order = 11
+    def after_validate(self): reduce_metrics(self.recorder._valid_mets)
+
+def infer_in_worker(source: Learner | Callable[[], Learner], method: str, kwargs: dict) -> tuple[list[int], Any] | None:
+    """Worker side of `learn.ddp(n).get_preds/tta/validate(...)`: run `method` on this rank's shard. `get_preds`/`tta`
+    return (keys, result): sorting every rank's keys together puts the items where a local call puts them (dataset
+    order, or the DataLoader's own with `reorder=False`). `validate` returns rank 0's whole-set values."""
+    rank, world = rank_world()
+    learn, _ = worker_learner(source, {}, rank0_drops=DRAWN_BY_CALLER, quiet=True)
+    learn.to_detach = lambda b, cpu=True, gather=True: to_detach(b, cpu, gather=False)   # DataLoaders fastai makes too
+    kwargs = dict(kwargs)
+    dl = kwargs.pop('dl', None) or learn.dls[kwargs.pop('ds_idx', 1)].new(shuffle=False, drop_last=False)
+    if method == 'tta':   # augmentations before sharding: a DataLoader made later would gather again
+        item_tfms, batch_tfms = kwargs.pop('item_tfms', None), kwargs.pop('batch_tfms', None)
+        if item_tfms is not None or batch_tfms is not None: dl = dl.new(after_item=item_tfms, after_batch=batch_tfms)
+    shard, idxs, positions = rank_shard(dl, rank, world)
+    learn.model.to(learn.dls.device)
+    if method == 'validate':
+        with learn.added_cbs(_CombinedMetrics()): res = learn.validate(dl=shard)
+        return res if rank == 0 else None
+    if not idxs: return [], None
+    if method == 'tta': return sorted(idxs), learn.tta(dl=shard, **kwargs)   # tta's own get_preds sorts by index
+    keys = idxs if kwargs.get('reorder', True) else positions
+    return keys, learn.get_preds(dl=shard, **{**kwargs, 'reorder': False})
+
+def _cat(parts: list, order: torch.Tensor):
+    "One result element from every rank's: tensors concatenated and put in `order`, tuples and lists element-wise."
+    first = next((p for p in parts if p is not None), None)
+    if first is None: return None
+    if isinstance(first, torch.Tensor): return torch.cat([p for p in parts if p is not None])[order]
+    if isinstance(first, (tuple, list)): return type(first)(_cat([p[i] for p in parts], order) for i in range(len(first)))
+    raise TypeError(f"cannot put together per-rank results of type {type(first).__name__}")
+
+def merge_shards(shards: list[tuple[list[int], Any]]):
+    "Every rank's (keys, result) from `infer_in_worker` as one result, its items sorted by key across ranks."
+    shards = [(keys, res) for keys, res in shards if keys]
+    return _cat([res for _, res in shards], torch.tensor([k for keys, _ in shards for k in keys]).argsort())

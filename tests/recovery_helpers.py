@@ -1,0 +1,58 @@
+"""Callbacks for the recovery tests (workers import this module by name)."""
+from __future__ import annotations
+import os, signal, time
+from pathlib import Path
+from fastai.callback.core import Callback
+
+class KillOnce(Callback):
+    "SIGKILL rank `rank` at the end of epoch `epoch`, in the first attempt only (MPIFY_RESTART_COUNT 0); rank 0 notes each attempt."
+    order = 90   # after the epoch checkpoint (70): the restart resumes right after this epoch
+    def __init__(self, folder: str, epoch: int = 2, rank: int = 1): self.folder,self.at,self.rank = folder,epoch,rank
+    def before_fit(self):
+        if os.environ['RANK'] == '0':
+            with open(Path(self.folder, 'attempts'), 'a') as f: f.write(os.environ.get('MPIFY_RESTART_COUNT', '?') + '\n')
+    def after_epoch(self):
+        if self.epoch != self.at or os.environ.get('MPIFY_RESTART_COUNT') != '0': return
+        import torch.distributed as dist
+        dist.barrier()   # rank 0 has written this epoch's checkpoint when rank 1 dies
+        if int(os.environ['RANK']) == self.rank: os.kill(os.getpid(), signal.SIGKILL)
+
+class RaiseEverywhere(Callback):
+    "A deterministic bug: every rank raises in epoch 1; rank 0 notes each attempt."
+    def __init__(self, folder: str): self.folder = folder
+    def before_fit(self):
+        if os.environ['RANK'] == '0':
+            with open(Path(self.folder, 'attempts'), 'a') as f: f.write(os.environ.get('MPIFY_RESTART_COUNT', '?') + '\n')
+    def before_epoch(self):
+        if self.epoch == 1: raise ValueError("a bug in the user's code")
+
+class SlowEpochs(Callback):
+    "Each epoch takes at least `seconds`; rank 0 writes `folder/done-<epoch>` when an epoch (and its checkpoint) is over."
+    order = 90
+    def __init__(self, folder: str, seconds: float = 0.7): self.folder,self.seconds = folder,seconds
+    def before_epoch(self): self.t = time.monotonic()
+    def after_epoch(self):
+        time.sleep(max(0., self.seconds - (time.monotonic() - self.t)))
+        if os.environ['RANK'] == '0': Path(self.folder, f'done-{self.epoch}').write_text('done')
+
+def stuck_in_collective():
+    "Rank 0 waits in an all_reduce that rank 1, asleep, never joins: a hang to diagnose."
+    import torch, torch.distributed as dist
+    if dist.get_rank() == 1: time.sleep(60)
+    t = torch.ones(1)
+    dist.all_reduce(t)
+
+def child_ignoring_sigterm(folder: str, then: str = 'raise'):
+    "Start a child process that ignores SIGTERM, note its pid, then raise (or hang until a timeout stops us)."
+    import subprocess, sys
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(120)"
+    child = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
+    child.stdout.readline()                      # SIGTERM is ignored from here on
+    Path(folder, f"child-{os.environ['RANK']}").write_text(str(child.pid))
+    if then == 'raise' and os.environ['RANK'] == '1': raise RuntimeError('failing with a stubborn child')
+    time.sleep(120)
+
+def sum_and_big_result(x, n_result: int):
+    "The sum of what came in, and a result of `n_result` float32s (4 bytes each) that must travel home."
+    import torch
+    return float(x.sum()), torch.full((n_result,), float(os.environ['RANK']))
