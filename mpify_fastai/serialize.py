@@ -172,8 +172,9 @@ class _Segment:
         return off
     def close(self, remove: bool = False):
         if self.f is None: return
-        self.f.close()
-        if remove: os.remove(self.path)
+        try: self.f.close()
+        finally:
+            if remove: os.remove(self.path)
 
 class _OutOfBand:
     "The protocol-5 buffer callback: large buffers (numpy arrays' bytes) go into `segment`, out of the stream ('dry': nowhere)."
@@ -328,10 +329,10 @@ def dumps(obj: Any, need: dict | None = None, ship_globals: bool = True, mode: s
             p.dump(todo)
             todo = {}
         regions = p.regions()
+        if seg is not None: seg.close()   # a full /dev/shm may fail this last write too
     except BaseException:
         if seg is not None: seg.close(remove=True)
         raise
-    if seg is not None: seg.close()
     path = seg.path if seg is not None and seg.f is not None else None
     return Payload(b''.join([pickle.dumps((_HEADER, path, p.oob.at, regions), protocol=5), body.getbuffer()]), path)
 
