@@ -11,7 +11,7 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.torch_core import to_detach
 from .ddp import rank_world
-from .distributed import reduce_metrics, shard_dl
+from .distributed import reduce_metrics, shard_dl, share_loader_workers
 from .training import DRAWN_BY_CALLER, worker_learner
 
 __all__ = ['INFERENCE', 'rank_shard', 'infer_in_worker', 'merge_shards']
@@ -25,6 +25,7 @@ def rank_shard(dl, rank: int, world: int) -> tuple:
     order = list(dl.get_idxs())
     shard = dl.new(shuffle=False, drop_last=False)
     shard_dl(shard, rank, world, pad=False, seed=0, by_batch=True)
+    share_loader_workers(shard)
     idxs, where = list(shard.get_idxs()), {i: p for p, i in enumerate(order)}
     return shard, idxs, [where[i] for i in idxs]
 

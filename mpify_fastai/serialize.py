@@ -45,7 +45,7 @@ class _Call:
     def __reduce__(self): return (self.fn, self.args, self.state)
     def __call__(self, *args, **kwargs): return self.fn(*self.args)(*args, **kwargs)   # pickle checks reducers are callable
 
-_FUNCTION, _CELL = _Call(getattr, types, 'FunctionType'), _Call(getattr, types, 'CellType')
+_FUNCTION, _CELL, _METHOD = (_Call(getattr, types, t) for t in ('FunctionType', 'CellType', 'MethodType'))
 
 def _global_names(code) -> set[str]:
     "Names that `code`, and the code nested in it (inner functions, comprehensions, class bodies), looks up as globals."
@@ -196,7 +196,7 @@ class _Pickler(pickle.Pickler):
         self.oob = _OutOfBand(mode, segment)
         super().__init__(file, protocol=5, buffer_callback=self.oob)
         self.mode,self.segment,self.by_name = mode,segment,classes_by_name
-        self.main_funcs,self.slots,self.how = [],{},{}
+        self.main_funcs,self.main_classes,self.slots,self.how = [],{},{},{}
         self.torch,self.main = sys.modules.get('torch'),_main_dict()
 
     def reducer_override(self, obj):
@@ -210,6 +210,7 @@ class _Pickler(pickle.Pickler):
         """The reduction for objects of type `t`, or None where pickle's own is right (decided once per type). For numpy
         scalars, the Python type they convert to: 3x faster than numpy's own reduction (fastai keeps lists of them)."""
         if t is types.FunctionType: return _Pickler._function
+        if t is types.MethodType: return _Pickler._method
         if issubclass(t, type): return _Pickler._class
         if t in _REDUCERS: return _REDUCERS[t]
         if self.torch is not None and issubclass(t, self.torch.Tensor): return _Pickler._tensor
@@ -231,12 +232,20 @@ class _Pickler(pickle.Pickler):
         return (_FUNCTION, (f.__code__, globs, f.__name__, None, f.__closure__),
                 (f.__dict__ or None, {k: getattr(f, k) for k in _FUNCTION_ATTRS}))
 
+    def _method(self, m):
+        """A bound method by name where its object has it under that name, else as function + object: fastai's
+        `Callback(before_fit=lambda self: ...)` binds a lambda that no attribute name finds."""
+        if getattr(m.__self__, m.__func__.__name__, None) == m: return NotImplemented
+        return (_METHOD, (m.__func__, m.__self__))
+
     def _class(self, cls: type):
         if self.by_name and cls.__module__ in _MAIN_NAMES:
             try:
                 if _main_attr(cls.__qualname__) is cls: return (_main_attr, (cls.__qualname__,))   # keeps `isinstance` working
             except AttributeError: pass
         if cls.__module__ == 'builtins' or _importable(cls): return NotImplemented
+        if not self.by_name and cls.__module__ in _MAIN_NAMES and self.main.get(cls.__qualname__) is cls:
+            self.main_classes[cls.__qualname__] = cls   # it joins the receiver's `__main__`: results come home by name
         by_c = (types.FunctionType, type, io.IOBase) + tuple(getattr(sys.modules.get(m), n) for m, n in
                                                              (('torch', 'Tensor'), ('numpy', 'ndarray')) if m in sys.modules)
         p = _ClassPickler(f := io.BytesIO(), cls, by_c)
@@ -322,8 +331,10 @@ def dumps(obj: Any, need: dict | None = None, ship_globals: bool = True, mode: s
         p.dump(obj)
         shipped, todo = set(), dict(need or {})
         while ship_globals or todo:
-            if ship_globals: todo.update(_referenced_globals(p.main_funcs, shipped | set(todo)))
-            p.main_funcs = []
+            if ship_globals:
+                todo.update(_referenced_globals(p.main_funcs, shipped | set(todo)))
+                todo.update({k: c for k, c in p.main_classes.items() if k not in shipped})
+            p.main_funcs, p.main_classes = [], {}
             if not todo: break
             shipped |= set(todo)
             p.dump(todo)

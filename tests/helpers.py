@@ -174,34 +174,39 @@ def kernel_env() -> dict:
     env.pop('MPLBACKEND', None)
     return env
 
-def run_notebook(cells: list[str], timeout: int = 120, allow_errors: bool = False, cwd: str | None = None,
-                 interrupt_after: dict[int, int] | None = None):
-    """Build a notebook from code `cells`, execute it on a real `python3` kernel of this interpreter with nbclient,
-    and return the executed notebook (cells carry their outputs). `interrupt_after={i: s}`: interrupt the kernel
-    (as the Jupyter stop button does) when cell `i` has run `s` seconds; execution then goes on with the next cell."""
-    import nbformat
+def execute_notebook(nb, cwd: str, timeout: int = 120, **client_options):
+    """Execute the nbformat notebook `nb` in place on a real `python3` kernel of this interpreter (nbclient), with
+    `cwd` as the kernel's working folder; `client_options` go to `NotebookClient`. Returns `nb`."""
     from nbclient import NotebookClient
     from jupyter_client.kernelspec import KernelSpecManager
-    import tempfile
     env = kernel_env()
     old = os.environ.get('JUPYTER_PATH')
     os.environ['JUPYTER_PATH'] = env['JUPYTER_PATH']   # read by the kernelspec lookup in this process
     try:
         spec = KernelSpecManager().get_kernel_spec('python3')
         assert spec.argv[0] == sys.executable, f"kernelspec python3 resolves to {spec.argv}, not {sys.executable}"
-        nb = nbformat.v4.new_notebook()
-        nb.cells = [nbformat.v4.new_code_cell(src) for src in cells]
-        for i, c in enumerate(nb.cells): c.metadata['mpify_index'] = i
-        limits = interrupt_after or {}
-        nb.metadata['kernelspec'] = dict(name='python3', display_name='Python 3', language='python')
-        with tempfile.TemporaryDirectory(prefix='mpify-test-nb-') as tmp:
-            client = NotebookClient(nb, timeout=timeout, kernel_name='python3', allow_errors=allow_errors,
-                                    resources={'metadata': {'path': cwd or tmp}}, interrupt_on_timeout=bool(limits),
-                                    timeout_func=lambda cell: limits.get(cell.metadata.get('mpify_index'), timeout))
-            client.execute(env=env)
+        client = NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': cwd}},
+                                **client_options)
+        client.execute(env=env)
     finally:
         if old is None: os.environ.pop('JUPYTER_PATH', None)
         else: os.environ['JUPYTER_PATH'] = old
+    return nb
+
+def run_notebook(cells: list[str], timeout: int = 120, allow_errors: bool = False, cwd: str | None = None,
+                 interrupt_after: dict[int, int] | None = None):
+    """Build a notebook from code `cells`, execute it with `execute_notebook`, and return the executed notebook
+    (cells carry their outputs). `interrupt_after={i: s}`: interrupt the kernel (as the Jupyter stop button does)
+    when cell `i` has run `s` seconds; execution then goes on with the next cell."""
+    import nbformat, tempfile
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in cells]
+    for i, c in enumerate(nb.cells): c.metadata['mpify_index'] = i
+    limits = interrupt_after or {}
+    nb.metadata['kernelspec'] = dict(name='python3', display_name='Python 3', language='python')
+    with tempfile.TemporaryDirectory(prefix='mpify-test-nb-') as tmp:
+        execute_notebook(nb, cwd or tmp, timeout, allow_errors=allow_errors, interrupt_on_timeout=bool(limits),
+                         timeout_func=lambda cell: limits.get(cell.metadata.get('mpify_index'), timeout))
     return nb
 
 _ANSI = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')

@@ -114,6 +114,12 @@ def test_main_function_without_need_fails_in_worker(main_ns):
         ranch(2, ns['nb_fn'], 3, imports='from fractions import Fraction\nimport os')
     assert type(ei.value.__cause__) is KeyError and "'HIDDEN'" in str(ei.value)
 
+def test_notebook_class_instance_comes_home_as_the_notebook_class(main_ns):
+    "An instance of a notebook class, passed through a function that never names the class, is still of that class."
+    ns = main_ns("class Box:\n    def __init__(self, v): self.v = v\ndef ident(x): return x\n")
+    out = ranch(2, ns['ident'], ns['Box'](3))
+    assert [type(o) is ns['Box'] for o in out] == [True, True] and [o.v for o in out] == [3, 3]
+
 # ---------------------------------------------------------------- failures
 
 def _fail(how, tmp_path, **kw):

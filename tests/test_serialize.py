@@ -46,6 +46,16 @@ def test_notebook_function_round_trip_in_fresh_process(main_ns, tmp_path):
     assert payload.segment_path is None        # nothing large: no segment file
     assert _load_in_fresh_process(payload, tmp_path) == repr([4 * 4 + 7, 12, 2, 'Box', None])
 
+def test_method_bound_to_a_lambda_round_trip(main_ns, tmp_path):
+    """fastai's `Callback(before_fit=lambda self: ...)` binds a lambda to the callback: no attribute name finds it,
+    so pickle's own reduction (getattr by name) fails on the receiving side."""
+    import types
+    ns = main_ns("class Holder:\n    def __init__(self, k): self.k = k\n"
+                 "h = Holder(5)\nh.hook = __import__('types').MethodType(lambda self, x: self.k * x, h)\n"
+                 "def call_hook(x): return h.hook(x)\n")
+    assert isinstance(ns['h'].hook, types.MethodType) and ns['h'].hook.__name__ == '<lambda>'
+    assert _load_in_fresh_process(dumps((ns['call_hook'], (3,))), tmp_path) == '15'
+
 def test_need_ships_globals_the_code_does_not_name(main_ns, tmp_path):
     ns = main_ns(NOTEBOOK)
     payload = dumps((ns['nb_fn'], (2,)), need={'HIDDEN': {'k': 1}})
@@ -321,7 +331,8 @@ def test_notebook_code_by_value_keeps_its_identities(main_ns):
     for k in ('Base', 'Derived', 'fact', 'make_counter', 'recursive_closure'): del ns[k]
     d, base, count, rec, fact, inc = loads(payload.data)
     assert isinstance(d, base) and type(d).__bases__ == (base,) and d.value() == 4   # one Base, also as the base class
-    assert ns['fact'] is fact and 'Base' not in ns                                     # what the code names came with it
+    assert ns['fact'] is fact                                                           # what the code names came with it
+    assert ns['Base'] is base and ns['Derived'] is type(d)   # classes sent by value join __main__: results come home by name
     assert count() == 11 and count(2, twice=True) == 15 and count.label == 'counter' and count.__name__ == 'count'
     assert rec(5) == 5 and fact(5) == 120 and inc(1) == 2
 

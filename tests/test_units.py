@@ -22,7 +22,7 @@ from fastcore.basics import noop
 
 import helpers
 from fastai_helpers import digits_dls_plain, mlp, params_of, sgd_learner
-from mpify_fastai.distributed import combine_metric_shares, metric_shares, shard_dl, unshard_dl
+from mpify_fastai.distributed import combine_metric_shares, metric_shares, share_loader_workers, shard_dl, unshard_dl
 from mpify_fastai.errors import LaunchError
 from mpify_fastai.progress import ProgressDisplay
 from mpify_fastai.training import (EpochCheckpoint, apply_result, is_rank0_only, learner_result, merged_history,
@@ -498,3 +498,20 @@ def test_rank0_only_marker_and_fastai_loggers(monkeypatch):
     monkeypatch.setenv('RANK', '0')
     learn, kw = worker_learner(sgd_learner(digits_dls_plain(64, 32, bs=16), mlp(), cbs=[MyLogger()]), {'cbs': [MyLogger()]})
     assert any(isinstance(cb, MyLogger) for cb in learn.cbs) and len(kw['cbs']) == 1
+
+
+# ---------------------------------------------------------------- DataLoader workers per rank
+
+@pytest.mark.parametrize('ranks_here, default_gets', [(1, 8), (2, 4), (3, 2), (16, 0)])
+def test_ranks_share_the_default_loader_workers(monkeypatch, ranks_here, default_gets):
+    "fastai's default (one worker per core, up to 16) is the host's: each rank takes its share; a chosen number stays."
+    from fastai.data.core import TfmdDL
+    from fastai.torch_core import defaults
+    monkeypatch.setattr(defaults, 'cpus', 8)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', str(ranks_here))
+    items = list(range(10))
+    default, chosen, none = TfmdDL(items, bs=2), TfmdDL(items, bs=2, num_workers=3), TfmdDL(items, bs=2, num_workers=0)
+    assert default.fake_l.num_workers == 8
+    assert [share_loader_workers(dl) for dl in (default, chosen, none)] == [default_gets, 3, 0]
+    flat = lambda dl: [int(v) for b in dl for v in (b[0] if isinstance(b, tuple) else b)]
+    assert flat(default) == items   # still every batch, in order

@@ -19,7 +19,9 @@ cuda_first = torch.cuda.is_initialized()
 from fastai.metrics import accuracy
 import mpify_fastai                      # in a torch session: starts the warm fork server now
 import fastai_helpers as fh
-learn = fh.sgd_learner(fh.digits_dls_plain(512, 256, bs=64), fh.mlp(0), metrics=accuracy)
+dls = fh.digits_dls_plain(512, 256, bs=64)
+dls.to(torch.device('cuda', 0) if torch.cuda.is_available() else torch.device('cpu'))   # the data on the notebook's GPU
+learn = fh.sgd_learner(dls, fh.mlp(0), metrics=accuracy)
 learn.fit(1, 0.1)                        # local, on the notebook's device
 local_device = str(next(learn.model.parameters()).device)
 ''', '''
