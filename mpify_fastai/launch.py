@@ -6,7 +6,7 @@ stops every worker on the first failure, timeout or interrupt. Workers die with 
 signal plus a pipe watchdog), so a restarted kernel never finds yesterday's workers still running.
 """
 from __future__ import annotations
-import errno, inspect, os, shutil, signal, sys, tempfile, time
+import errno, inspect, os, random, shutil, signal, sys, tempfile, time
 from contextlib import nullcontext
 from typing import Any, Callable
 import multiprocess as mp
@@ -33,6 +33,12 @@ def check_nprocs(nprocs) -> int:
     if isinstance(nprocs, bool) or not hasattr(nprocs, '__index__') or int(nprocs) < 1:
         raise ValueError(f"nprocs must be a positive int, got {nprocs!r}")
     return int(nprocs)
+
+def _caller_seed() -> int:
+    """A seed for the workers' RNGs drawn from the caller's own (torch's where loaded, as fastai's `set_seed` seeds it, else
+    Python's): each call draws anew, and a seed set in the notebook makes the workers' draws repeat."""
+    torch = sys.modules.get('torch')
+    return int(torch.randint(0, 2**62, ())) if torch is not None else random.getrandbits(62)
 
 def need_globals(need: str | list[str] | tuple[str, ...]) -> dict:
     "The notebook (`__main__`) globals named in `need` (\"a b\" or a list), name -> value; NameError for a missing one."
@@ -202,7 +208,7 @@ def launch(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = No
         call = os.path.join(scratch, 'call.pkl')   # a file, not a Process argument: the start-up data stays small, so a
         with open(call, 'wb') as f: f.write(payload.data)   # worker dying at start (unguarded script) shows its exit code
         spec = dict(parent_pid=None if forkserver else os.getpid(), env=envs, imports=imports, payload=call, scratch=scratch,
-                    spill=spill, gather=gather, base_env=dict(os.environ) if forkserver else None)
+                    spill=spill, gather=gather, base_env=dict(os.environ) if forkserver else None, seed=_caller_seed())
         for r in range(nprocs):
             parent_end, child_end = ctx.Pipe(duplex=True)
             p = ctx.Process(target=worker_main, args=(r, child_end, spec), name=f'mpify-rank{r}', daemon=False)

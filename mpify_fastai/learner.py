@@ -169,6 +169,7 @@ class DDPMethods:
                               params['stop_div'], self.sync_bn, self.ddp_kwargs or {}), gather=0, **opts)
         rec = self.learn.recorder
         rec.lrs, rec.losses = res['lrs'], [torch.tensor(l) for l in res['losses']]
+        rec.iters, rec.values = [], []   # as a local lr_find within one epoch leaves them: no earlier fit's rows in plot_loss()
         if params['suggest_funcs'] is None: return None
         return _suggested_lrs(rec, params['num_it'], params['suggest_funcs'], params['show_plot'])
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 import torch
-from fastai.callback.core import Callback
+from fastai.callback.core import CancelValidException, Callback
 from fastai.callback.schedule import LRFinder, ParamScheduler
 from fastai.learner import Learner, SkipToEpoch
 from fastcore.basics import noop
@@ -194,6 +194,9 @@ class WorkerLRFinder(LRFinder):
         ParamScheduler.before_fit(self)
         self.best_loss = float('inf')
     def after_fit(self): self.learn.opt.zero_grad()
+    def before_validate(self):
+        "A rank's share of an epoch is shorter than a local one: its epoch ends would validate where a local lr_find does not."
+        raise CancelValidException()
 
 def find_lr_in_worker(source: Learner | Callable[[], Learner], start_lr, end_lr, num_it: int, stop_div: bool, sync_bn: bool,
                       ddp_kwargs: dict) -> dict | None:

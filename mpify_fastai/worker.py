@@ -5,7 +5,7 @@ It dies with its caller (parent-death signal plus a watchdog on the pipe), runs 
 caller's Ctrl-C reaches only the caller, and keeps a result's segment file until the caller acks it.
 """
 from __future__ import annotations
-import ctypes, errno, faulthandler, os, signal, sys, threading, traceback, warnings
+import ctypes, errno, faulthandler, os, random, signal, sys, threading, traceback, warnings
 from .imports import run_imports
 from .serialize import dumps, loads
 
@@ -83,6 +83,7 @@ def worker_main(rank: int, conn, spec: dict) -> None:
     try:
         run_imports(spec['imports'], sys.modules['__main__'].__dict__)
         with open(spec['payload'], 'rb') as f: fn, args, kwargs = loads(f.read())
+        _seed_rngs(spec['seed'], rank)
         res = fn(*args, **kwargs)
         sys.stdout.flush(); sys.stderr.flush()
         if spec['gather'] in ('all', rank):
@@ -96,6 +97,14 @@ def worker_main(rank: int, conn, spec: dict) -> None:
         chan.send('error', type(e).__qualname__, str(e), traceback.format_exc(), _pickled_exception(e))
         os._exit(1)   # what was sent stays readable in the pipe after we exit
     os._exit(0)       # done: threads the function left running must not keep the caller waiting
+
+def _seed_rngs(seed: int, rank: int) -> None:
+    """This rank's global RNGs (Python's, and numpy's and torch's where loaded) from the caller's `seed`: distinct per
+    rank, new with each call. Without it every worker forked from the warm server would start from the server's state."""
+    own = random.Random(f'{seed}-{rank}').getrandbits(63)
+    random.seed(own)
+    if (np := sys.modules.get('numpy')) is not None: np.random.seed(own % 2**32)
+    if (torch := sys.modules.get('torch')) is not None: torch.manual_seed(own)   # CUDA's generators lazily: no CUDA init
 
 def _result_payload(res, spec: dict, rank: int):
     "`res` serialized for the caller; its big buffers in the call's scratch folder, or on disk if that is full."

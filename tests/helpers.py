@@ -239,6 +239,11 @@ def env_of(*names):
 def echo(*args, **kwargs):
     return int(os.environ['RANK']), args, kwargs
 
+def rng_draws(*_):
+    "One draw from each of this worker's global RNGs: Python's, numpy's, torch's."
+    import random, numpy as np, torch
+    return random.random(), float(np.random.rand()), float(torch.rand(()))
+
 def square_rank(offset=0):
     r = int(os.environ['RANK'])
     return r * r + offset

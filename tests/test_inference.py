@@ -59,7 +59,11 @@ def test_lr_find_global_batch_loss_and_untouched_weights():
     learn = digits_tfmd_learner(bs=16, shuffle=False)
     learn.create_opt()
     before, opt_before = params_of(learn.model), learn.opt.state_dict()
+    learn.recorder.values, learn.recorder.iters = [[9., 9.]], [7]   # an earlier fit's rows: lr_find replaces them, as locally
     sug = learn.ddp(nprocs=2).lr_find(num_it=20, show_plot=False)
+    local = digits_tfmd_learner(bs=16, shuffle=False)
+    with local.no_bar(), local.no_logging(): local.lr_find(num_it=20, show_plot=False)
+    assert (learn.recorder.values, learn.recorder.iters) == (local.recorder.values, local.recorder.iters)
     assert type(sug).__name__ == 'SuggestedLRs' and sug._fields == ('valley',) and 1e-7 < sug.valley < 10
     assert len(learn.recorder.lrs) == len(learn.recorder.losses) == 20 and learn.recorder.lrs[0] < learn.recorder.lrs[-1]
     assert bitwise_equal(params_of(learn.model), before)

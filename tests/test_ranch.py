@@ -7,7 +7,7 @@ import contextlib, ctypes, os, signal, subprocess, sys, time
 import multiprocess as mp
 import pytest
 import helpers
-from helpers import (Boom, chatter, delayed_rank, echo, fail_on, rank_env, sleep_forever, square_rank,
+from helpers import (Boom, chatter, delayed_rank, echo, fail_on, rank_env, rng_draws, sleep_forever, square_rank,
                      touch_rank)
 from mpify_fastai import (ImportsError, LaunchError, LaunchTimeout, PayloadError, TorchDDPCtx, WorkerDied, WorkerError,
                           in_torchddp, ranch, send_event)
@@ -119,6 +119,19 @@ def test_notebook_class_instance_comes_home_as_the_notebook_class(main_ns):
     ns = main_ns("class Box:\n    def __init__(self, v): self.v = v\ndef ident(x): return x\n")
     out = ranch(2, ns['ident'], ns['Box'](3))
     assert [type(o) is ns['Box'] for o in out] == [True, True] and [o.v for o in out] == [3, 3]
+
+def test_workers_rngs_differ_per_rank_and_call_and_follow_the_callers_seed():
+    """Every worker forked from the warm server would start from the server's RNG state: the same draws in every call
+    (the same epoch order in every fit_ddp). They are seeded from the caller's RNG instead: Python's, and numpy's and
+    torch's where the worker has them at the start (a tensor in the call, as in every fastai call)."""
+    import random, torch
+    with_torch = torch.zeros(1)
+    first, second = ranch(2, rng_draws, with_torch), ranch(2, rng_draws, with_torch)
+    assert len({d for ranks in (first, second) for draws in ranks for d in draws}) == 12, (first, second)
+    random.seed(5); torch.manual_seed(5)
+    a = ranch(2, rng_draws, with_torch)
+    random.seed(5); torch.manual_seed(5)
+    assert ranch(2, rng_draws, with_torch) == a
 
 # ---------------------------------------------------------------- failures
 
