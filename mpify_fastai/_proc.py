@@ -9,7 +9,7 @@ import multiprocess as mp
 from multiprocess import forkserver
 
 __all__ = ['process_state', 'pid_alive', 'process_group_members', 'in_spawn_bootstrap', 'forkserver_pid',
-           'forkserver_alive', 'stop_forkserver']
+           'forkserver_alive', 'stop_forkserver', 'skip_missing_main_path']
 
 def _stat_fields(pid: int | str) -> list[str] | None:
     "The fields of `/proc/<pid>/stat` after the command name (state first), or None when the process is gone."
@@ -54,3 +54,17 @@ def forkserver_alive() -> bool:
 def stop_forkserver() -> None:
     "Stop the fork server if one was started (the next `ensure_running` starts a new one)."
     if forkserver_pid() is not None: forkserver._forkserver._stop()
+
+def skip_missing_main_path() -> None:
+    """A script read from stdin (`python - < train.py`) has `__main__.__file__ == '<stdin>'`, which multiprocess's children
+    would try to run as a file, and die: leave out a main path that is no file, as for a notebook. Idempotent."""
+    from multiprocess import spawn
+    original = spawn.get_preparation_data
+    if getattr(original, 'skips_missing_main_path', False): return
+    def get_preparation_data(name):
+        data = original(name)
+        path = data.get('init_main_from_path')
+        if path is not None and not os.path.isfile(path): del data['init_main_from_path']
+        return data
+    get_preparation_data.skips_missing_main_path = True
+    spawn.get_preparation_data = get_preparation_data

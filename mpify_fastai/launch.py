@@ -12,7 +12,7 @@ from typing import Any, Callable
 import multiprocess as mp
 from multiprocess.connection import wait
 from .errors import LaunchTimeout, MainGuardError, PayloadError, WorkerDied, WorkerError
-from ._proc import in_spawn_bootstrap, process_group_members
+from ._proc import in_spawn_bootstrap, process_group_members, skip_missing_main_path
 from .files import owned_tempdir
 from .imports import parse_imports
 from .serialize import check_call, dumps, loads
@@ -176,6 +176,7 @@ def launch(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = No
     send with `send_event`; `context` is a multiprocess context to start workers from (default: `start_method`);
     `arg_names` (name -> argument) gives the names a payload error starts its path from, e.g. {'learn': learn}."""
     if in_spawn_bootstrap(): os._exit(MAIN_GUARD_EXIT)
+    skip_missing_main_path()
     nprocs = check_nprocs(nprocs)
     if not callable(fn): raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     if start_method not in START_METHODS: raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")

@@ -48,14 +48,15 @@ def _default_nprocs(nprocs: int | None) -> int:
     if n == 0: raise ValueError("nprocs is required on a machine without GPUs: e.g. fit_ddp(..., nprocs=2) for 2 CPU processes")
     return n
 
-def _launch_options(nprocs: int | None, launch_opts: dict) -> tuple[int, dict]:
-    "`nprocs` and the launch options checked before anything starts, as `LaunchOptions` fields."
+def _launch_options(nprocs: int | None, launch_opts: dict) -> tuple[int, dict, bool, int]:
+    """`nprocs` and the launch options checked before anything starts: (nprocs, the group's options for
+    `launch_in_group`, `progress`, `max_restarts`)."""
     unknown = set(launch_opts) - set(LAUNCH_OPTIONS)
     if unknown: raise TypeError(f"unexpected launch option(s): {', '.join(sorted(unknown))}; known: {', '.join(LAUNCH_OPTIONS)}")
     opts = asdict(LaunchOptions(**launch_opts))
-    n = opts['max_restarts']
+    progress, n = opts.pop('progress'), opts.pop('max_restarts')
     if isinstance(n, bool) or not isinstance(n, int) or n < 0: raise ValueError(f"max_restarts must be an int >= 0, got {n!r}")
-    return check_nprocs(_default_nprocs(nprocs)), opts
+    return check_nprocs(_default_nprocs(nprocs)), opts, progress, n
 
 def _checkpoint(path: str) -> dict | None:
     "The last completed epoch's state a run left at `path`, if any."
@@ -80,8 +81,7 @@ def _launch_training(learn: Learner, source: Learner | Callable[[], Learner], me
     epoch up to `max_restarts` times; return rank 0's result (nothing applied yet). On an interrupt the Learner gets
     the last completed epoch; on a failure it is untouched and the error keeps that epoch's checkpoint."""
     if method not in SCHEDULES: raise ValueError(f"method must be one of {SCHEDULES}, got {method!r}")
-    nprocs, launch_opts = _launch_options(nprocs, launch_opts)
-    progress, max_restarts = launch_opts.pop('progress'), launch_opts.pop('max_restarts')
+    nprocs, launch_opts, progress, max_restarts = _launch_options(nprocs, launch_opts)
     ckdir = owned_tempdir('ckpt')
     checkpoint = os.path.join(ckdir, 'last_epoch.pth')
     cbs = L(learn.cbs) + L(kwargs.get('cbs'))
@@ -152,8 +152,7 @@ class DDPMethods:
                                        self.ddp_kwargs, **self.launch_opts)
                 return apply_result(self.learn, res)
             params = _call_arguments(method, self.learn, args, kwargs)
-            nprocs, opts = _launch_options(self.nprocs, self.launch_opts)
-            opts.pop('progress'), opts.pop('max_restarts')
+            nprocs, opts, _, _ = _launch_options(self.nprocs, self.launch_opts)   # no table or restarts outside a fit
             if method == 'lr_find': return self._lr_find(nprocs, params, opts)
             res = launch_in_group(nprocs, infer_in_worker, (self.source, method, params),
                                   gather=0 if method == 'validate' else 'all', **opts)

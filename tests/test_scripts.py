@@ -1,5 +1,5 @@
 """`ranch` from batch scripts: with the `if __name__ == "__main__":` guard it works; without it, a short MainGuardError."""
-import textwrap, time
+import subprocess, sys, textwrap, time
 import pytest
 import helpers
 
@@ -36,6 +36,19 @@ if __name__ == "__main__":
     assert r.stdout.splitlines() == ['hello from rank 0', 'result [101, 102]']   # rank 0's prints only
     assert sorted(r.stderr.splitlines()) == ['[rank 1] note from rank 1', 'note from rank 0']
     assert helpers.scratch_of(r.pid) == []
+
+@pytest.mark.parametrize('method', ['default', 'spawn'])
+def test_script_read_from_stdin_works(tmp_path, method):
+    "`python - < job.py`: __main__.__file__ is '<stdin>', no file a worker could run; it is left out, as for a notebook."
+    script = textwrap.dedent(WORKER + f"""
+import torch
+if __name__ == "__main__":
+    print('result', ranch(2, work, 1{_kw(method)}), ranch(2, work, torch.ones(1){_kw(method)}))
+""")
+    r = subprocess.run([sys.executable, '-'], input=script, capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path, env=helpers.subprocess_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == 'result [101, 102] [tensor([101.]), tensor([102.])]'
 
 def test_guarded_script_worker_error_is_short_and_clear(tmp_path):
     path = _write(tmp_path, WORKER + '''
