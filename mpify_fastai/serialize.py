@@ -196,7 +196,7 @@ class _Pickler(pickle.Pickler):
         self.oob = _OutOfBand(mode, segment)
         super().__init__(file, protocol=5, buffer_callback=self.oob)
         self.mode,self.segment,self.by_name = mode,segment,classes_by_name
-        self.main_funcs,self.main_classes,self.slots,self.how,self.slot_at,self.layouts = [],{},{},{},{},{}
+        self.main_funcs,self.main_classes,self.slots,self.how,self.layouts = [],{},{},{},{}
         self.torch,self.main = sys.modules.get('torch'),_main_dict()
 
     def reducer_override(self, obj):
@@ -266,14 +266,11 @@ class _Pickler(pickle.Pickler):
         cls = type(t)
         if cls not in (torch.Tensor, torch.nn.Parameter):
             return (_rebuild_subclass, (cls, t.as_subclass(torch.Tensor), dict(getattr(t, '__dict__', {}))))
-        size, offset = t.element_size(), t.storage_offset()
-        start, base = offset * size, t.data_ptr() - offset * size
-        slot = self.slot_at.get(base) if base else None   # a dataset of views of one storage: one lookup each, no storage object
-        if slot is None:
-            st = t.untyped_storage()
-            slot = self.slots.get(key := (st.data_ptr(), st.nbytes()))
-            if slot is None: slot = self.slots[key] = _Slot(len(self.slots), st)
-            if base: self.slot_at[base] = slot
+        st = t.untyped_storage()
+        slot = self.slots.get(key := (st.data_ptr(), st.nbytes()))
+        if slot is None: slot = self.slots[key] = _Slot(len(self.slots), st)
+        size = t.element_size()
+        start = t.storage_offset() * size
         layout = self.layouts.get(lkey := (t.shape, t.stride(), size))
         if layout is None:
             shape, stride = lkey[:2]

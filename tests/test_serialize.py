@@ -230,6 +230,14 @@ def _round_trip(obj, tmp_path):
     p = dumps(obj, segment_path=str(tmp_path / 'seg'))
     return p, loads(p.data)
 
+@pytest.mark.parametrize('n', [5, 40_000])
+def test_tensors_over_one_memory_as_storages_of_two_sizes(tmp_path, n):
+    "torch.from_numpy of a slice and of the whole array: two storages at one address, the first the smaller one."
+    a = np.arange(n * 2, dtype=np.float32)
+    head, whole = torch.from_numpy(a[:n]), torch.from_numpy(a)
+    _, (h, w) = _round_trip([head, whole], tmp_path)
+    assert h.tolist() == head.tolist() and w.tolist() == whole.tolist()
+
 @pytest.mark.parametrize('n', [5, 40_000])   # in the pickle stream and through the segment file
 @pytest.mark.parametrize('dtype', DTYPES, ids=str)
 def test_numpy_dtypes_round_trip(tmp_path, dtype, n):
