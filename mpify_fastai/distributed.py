@@ -17,6 +17,7 @@ from fastai.callback.core import Callback
 from fastai.learner import AvgSmoothLoss
 from fastai.torch_core import defaults, to_detach
 from .ddp import local_device, rank_world
+from .worker import seed_global_rngs
 
 __all__ = ['DistributedRunner', 'ModuleDDP', 'shard_dl', 'unshard_dl', 'share_loader_workers', 'accumulator_names', 'metric_shares',
            'combine_metric_shares', 'reduce_metrics', 'opt_state_to']
@@ -27,7 +28,7 @@ _SHARD_ATTRS = ('get_idxs', 'to_detach', 'n', 'rng', 'bs', 'create_item')
 def _global_rngs_seeded(seed: int):
     "Python's, numpy's and torch's global RNGs seeded with `seed` inside, and each back to its own state after."
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+    seed_global_rngs(seed)
     try: yield
     finally: random.setstate(states[0]); np.random.set_state(states[1]); torch.set_rng_state(states[2])
 

@@ -9,7 +9,8 @@ import ctypes, errno, faulthandler, os, random, signal, sys, threading, tracebac
 from .imports import run_imports
 from .serialize import dumps, loads
 
-__all__ = ['worker_main', 'run_in_context', 'send_event', 'stack_file', 'MAIN_GUARD_EXIT', 'ACK', 'STACKS_SIGNAL']
+__all__ = ['worker_main', 'run_in_context', 'send_event', 'stack_file', 'seed_global_rngs', 'MAIN_GUARD_EXIT', 'ACK',
+           'STACKS_SIGNAL']
 
 MAIN_GUARD_EXIT = 86     # exit code of a worker that found itself re-importing an unguarded script
 ACK = 'ack'              # the caller's reply once it has mapped a result's segment file
@@ -98,13 +99,16 @@ def worker_main(rank: int, conn, spec: dict) -> None:
         os._exit(1)   # what was sent stays readable in the pipe after we exit
     os._exit(0)       # done: threads the function left running must not keep the caller waiting
 
+def seed_global_rngs(seed: int) -> None:
+    "Seed Python's global RNG, and numpy's and torch's where loaded, with `seed` (torch's CUDA generators lazily: no CUDA init)."
+    random.seed(seed)
+    if (np := sys.modules.get('numpy')) is not None: np.random.seed(seed % 2**32)
+    if (torch := sys.modules.get('torch')) is not None: torch.manual_seed(seed)
+
 def _seed_rngs(seed: int, rank: int) -> None:
-    """This rank's global RNGs (Python's, and numpy's and torch's where loaded) from the caller's `seed`: distinct per
-    rank, new with each call. Without it every worker forked from the warm server would start from the server's state."""
-    own = random.Random(f'{seed}-{rank}').getrandbits(63)
-    random.seed(own)
-    if (np := sys.modules.get('numpy')) is not None: np.random.seed(own % 2**32)
-    if (torch := sys.modules.get('torch')) is not None: torch.manual_seed(own)   # CUDA's generators lazily: no CUDA init
+    """This rank's global RNGs from the caller's `seed`: distinct per rank, new with each call. Without it every worker
+    forked from the warm server would start from the server's state."""
+    seed_global_rngs(random.Random(f'{seed}-{rank}').getrandbits(63))
 
 def _result_payload(res, spec: dict, rank: int):
     "`res` serialized for the caller; its big buffers in the call's scratch folder, or on disk if that is full."
