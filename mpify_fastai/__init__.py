@@ -11,10 +11,10 @@ from .errors import LaunchError, WorkerError, WorkerDied, LaunchTimeout, MainGua
 from .imports import ImportsError, global_imports, import_star
 from .launch import ranch
 from .worker import send_event
-from .ddp import in_torchddp, TorchDDPCtx, rank_world, local_rank, local_device, is_rank0
+from .group import in_torchddp, TorchDDPCtx, rank_world, local_rank, local_device, is_rank0
 from .fastai_hook import add_learner_methods_with_fastai as _add_learner_methods_with_fastai
 
-_FASTAI = {'fit_ddp': 'learner', 'DDPMethods': 'learner', 'DistributedRunner': 'distributed',
+_FASTAI = {'fit_ddp': 'learner', 'DDPMethods': 'learner', 'DistributedRunner': 'runner',
            'apply_result': 'training', 'learner_result': 'training'}
 
 def __getattr__(name):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os, shutil, tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
-from ._proc import pid_alive
+from .procfs import pid_alive
 
 __all__ = ['atomic_write', 'owned_tempdir', 'sweep_dead_dirs']
 

@@ -10,8 +10,10 @@ import torch
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.torch_core import to_detach
-from .ddp import rank_world
-from .distributed import reduce_metrics, shard_dl, share_loader_workers
+from ._private import valid_metrics
+from .group import rank_world
+from .metrics import reduce_metrics
+from .sharding import shard_dl, share_loader_workers
 from .training import DRAWN_BY_CALLER, worker_learner
 
 __all__ = ['INFERENCE', 'rank_shard', 'infer_in_worker', 'merge_shards']
@@ -32,7 +34,7 @@ def rank_shard(dl, rank: int, world: int) -> tuple:
 class _CombinedMetrics(Callback):
     "Before the Recorder reads them, every rank's validation metrics become the whole set's."
     order = 11
-    def after_validate(self): reduce_metrics(self.recorder._valid_mets)
+    def after_validate(self): reduce_metrics(valid_metrics(self.recorder))
 
 def infer_in_worker(source: Learner | Callable[[], Learner], method: str, kwargs: dict) -> tuple[list[int], Any] | None:
     """Worker side of `learn.ddp(n).get_preds/tta/validate(...)`: run `method` on this rank's shard. `get_preds`/`tta`

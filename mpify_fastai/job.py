@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 from fastai.learner import Learner
 from fastcore.basics import patch
-from .ddp import TorchDDPCtx, rank_world
+from .group import TorchDDPCtx, rank_world
 from .files import atomic_write
 from .imports import parse_imports, run_imports
 from .jobfile import JobFileError, check_job_file, check_result_path, job_digest

@@ -12,7 +12,8 @@ from typing import Any, Callable
 import multiprocess as mp
 from multiprocess.connection import wait
 from .errors import LaunchTimeout, MainGuardError, PayloadError, WorkerDied, WorkerError
-from ._proc import in_spawn_bootstrap, process_group_members, skip_missing_main_path
+from ._private import in_spawn_bootstrap, skip_missing_main_path
+from .procfs import process_group_members
 from .files import owned_tempdir
 from .imports import parse_imports
 from .serialize import check_call, dumps, loads

@@ -13,7 +13,7 @@ from fastai.learner import Learner
 import torch
 from fastcore.basics import patch, patch_to, tuplify
 from fastcore.foundation import L
-from .ddp import launch_in_group, peer_failure, visible_gpu_count
+from .group import launch_in_group, peer_failure, visible_gpu_count
 from .errors import LaunchError, WorkerDied, WorkerError
 from .files import owned_tempdir
 from .launch import check_nprocs

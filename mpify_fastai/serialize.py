@@ -15,6 +15,7 @@ from array import array
 from bisect import bisect_right
 from typing import Any, Callable
 import dill
+from ._private import LRU_CACHE_INFO, LRU_CACHE_WRAPPER, numpy_frombuffer
 from .errors import PayloadError
 
 __all__ = ['dumps', 'loads', 'Payload', 'find_unpicklable', 'check_picklable', 'check_call', 'referenced_globals',
@@ -72,10 +73,10 @@ def _reduce_lru_cache(_, f):
     "A `functools.lru_cache` of a notebook function: pickle's own sends it by a name that the receiver may not have yet."
     if _importable(f): return NotImplemented
     ps = f.cache_parameters()
-    return (functools._lru_cache_wrapper, (f.__wrapped__, ps['maxsize'], ps['typed'], functools._CacheInfo), dict(f.__dict__))
+    return (LRU_CACHE_WRAPPER, (f.__wrapped__, ps['maxsize'], ps['typed'], LRU_CACHE_INFO), dict(f.__dict__))
 
 _REDUCERS = {types.CellType: _reduce_cell, types.CodeType: _reduce_code, types.ModuleType: _reduce_module,
-             functools._lru_cache_wrapper: _reduce_lru_cache}
+             LRU_CACHE_WRAPPER: _reduce_lru_cache}
 
 def _reduce_array(_, a):
     """A numpy array's bytes as one protocol-5 buffer, whatever its layout or dtype (numpy's own keeps non-contiguous and
@@ -84,8 +85,7 @@ def _reduce_array(_, a):
     if a.dtype.hasobject or a.itemsize == 0: return NotImplemented
     order = 'F' if a.ndim > 1 and not a.flags.c_contiguous and a.flags.f_contiguous else 'C'
     c = a.T if order == 'F' else a if a.flags.c_contiguous else a.copy()
-    numeric = sys.modules.get('numpy._core.numeric') or sys.modules['numpy.core.numeric']
-    return (numeric._frombuffer, (pickle.PickleBuffer(c.reshape(-1).view(np.uint8)), a.dtype, a.shape, order))
+    return (numpy_frombuffer(), (pickle.PickleBuffer(c.reshape(-1).view(np.uint8)), a.dtype, a.shape, order))
 
 class _ClassPickler(dill.Pickler):
     """dill for one class by value. What the C pickler carries (functions, other classes, big buffers, files to refuse)

@@ -12,8 +12,8 @@ from fastai.learner import Learner, SkipToEpoch
 from fastcore.basics import noop
 from fastcore.foundation import L
 from torch.nn.parallel import DistributedDataParallel
-from .ddp import local_device, rank_world
-from .distributed import DistributedRunner, opt_state_to
+from .group import local_device, rank_world
+from .runner import DistributedRunner, opt_state_to
 from .errors import LaunchError
 from .files import atomic_write
 from .progress import ProgressEvents

@@ -10,7 +10,8 @@ import os, sys, threading
 from contextlib import contextmanager
 import multiprocess as mp
 from multiprocess import forkserver
-from ._proc import forkserver_alive, in_spawn_bootstrap, stop_forkserver
+from ._private import forkserver_pid, in_spawn_bootstrap, stop_forkserver
+from .procfs import process_state
 
 __all__ = ['warm_context', 'warm_ready', 'mark_ready', 'warm_preload', 'stop_warm_server', 'prewarm']
 
@@ -26,6 +27,11 @@ def warm_preload() -> tuple[str, ...]:
     if 'fastai' in sys.modules:   # torch._dynamo: DistributedDataParallel imports it (~900 modules) on first use
         mods += ['fastai.basics', 'fastai.callback.schedule', 'mpify_fastai.training', 'torch._dynamo']
     return tuple(mods)
+
+def forkserver_alive() -> bool:
+    "Whether the fork server runs; read from /proc, never by reaping it (multiprocess reaps it itself on restart)."
+    pid = forkserver_pid()
+    return pid is not None and process_state(pid) not in (None, 'Z', 'X')
 
 def mark_ready() -> None:
     "A launch from the current server succeeded: it has finished its imports."

@@ -152,7 +152,7 @@ def shard_epochs(dl, world: int, pad: bool, seed: int, epochs: int = 2, rank_: i
     (a training loader `pad`ded, a validation loader by whole batches), after putting the global RNGs in this rank's
     own state (seeded `rng_seed`, by default 1000 + rank), and iterate it `epochs` times. Returns
     the indices drawn and the batches (CPU tensors) per epoch, `len(dl)` while sharded, and the global RNGs' next draws."""
-    from mpify_fastai.distributed import shard_dl, unshard_dl
+    from mpify_fastai.sharding import shard_dl, unshard_dl
     r = rank() if rank_ is None else rank_
     s = 1000 + r if rng_seed is None else rng_seed
     random.seed(s); np.random.seed(s); torch.manual_seed(s)

@@ -1,9 +1,9 @@
 """Worker functions and contexts for the mpify-compatibility tests (workers import this module by name; importing
-it loads no torch: `mpify_fastai.ddp` imports torch only when a group is made)."""
+it loads no torch: `mpify_fastai.group` imports torch only when a group is made)."""
 from __future__ import annotations
 import os
 from pathlib import Path
-from mpify_fastai.ddp import TorchDDPCtx
+from mpify_fastai.group import TorchDDPCtx
 
 def group_facts() -> dict:
     "What a rank sees inside `ranch(ctx=TorchDDPCtx())`: its group, a collective, and how the group was made."

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from mpify_fastai import ranch, WorkerDied, WorkerError
-from mpify_fastai.ddp import in_torchddp, visible_gpu_count
+from mpify_fastai.group import in_torchddp, visible_gpu_count
 from helpers import _cmdline, _stat, children_of, free_port, proc_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ def _wait_for(path: Path, limit: float = 90.0):
 # ---------------------------------------------------------------- worker functions (module level: imported by name)
 
 def _collectives(n_expected: int):
-    from mpify_fastai.ddp import rank_world, local_device, is_rank0
+    from mpify_fastai.group import rank_world, local_device, is_rank0
     rank, world = rank_world()
     assert dist.is_initialized() and world == n_expected == dist.get_world_size() and rank == dist.get_rank()
     assert dist.get_backend() == 'gloo'
@@ -149,7 +149,7 @@ def _threads_env():
 
 def _ctx_under_ranch(store_dir: str, port: int):
     "Run by plain `ranch` (no group yet): build groups with TorchDDPCtx three ways, check each is torn down."
-    from mpify_fastai.ddp import TorchDDPCtx, rank_world
+    from mpify_fastai.group import TorchDDPCtx, rank_world
     from mpify_fastai.worker import run_in_context
     out = {'before': dist.is_initialized(), 'rank_world_env': rank_world()}
     rank = int(os.environ['RANK'])
@@ -265,7 +265,7 @@ def test_torchddpctx_under_ranch(tmp_path):
 
 def test_torchddpctx_needs_rank_env():
     "Outside a launcher, without RANK/WORLD_SIZE, the context says so instead of hanging."
-    from mpify_fastai.ddp import TorchDDPCtx
+    from mpify_fastai.group import TorchDDPCtx
     saved = {k: os.environ.pop(k) for k in ('RANK', 'WORLD_SIZE') if k in os.environ}
     try:
         with pytest.raises((KeyError, ValueError, RuntimeError), match='RANK'):
@@ -278,7 +278,7 @@ def test_torchddpctx_needs_rank_env():
 _CONCURRENT_SCRIPT = '''
 import json, os, sys, time
 from pathlib import Path
-from mpify_fastai.ddp import in_torchddp
+from mpify_fastai.group import in_torchddp
 
 def work(tag, other, sync_dir, base):
     import torch, torch.distributed as dist
@@ -451,7 +451,7 @@ def test_bad_launch_options_leave_no_store_dir(tmp_path, monkeypatch):
             in_torchddp(2, _noop, **kw)
         assert time.monotonic() - t < 1.0, kw
     assert not _store_dirs()
-    from mpify_fastai.ddp import group_plan
+    from mpify_fastai.group import group_plan
     with pytest.raises(ZeroDivisionError):
         with group_plan(2) as env:
             store_dir = os.path.dirname(env(0)['MPIFY_INIT_METHOD'][len('file://'):])
@@ -461,7 +461,7 @@ def test_bad_launch_options_leave_no_store_dir(tmp_path, monkeypatch):
 
 def testpeer_failure_detection():
     "Which errors make a rank hold back its report (so the peer that failed first is the one reported)."
-    from mpify_fastai.ddp import peer_failure
+    from mpify_fastai.group import peer_failure
     gloo = RuntimeError('[/x/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:1. '
                         'This is typically caused by a remote worker crashing.')
     assert peer_failure(gloo) and peer_failure(RuntimeError('Connection reset by peer'))

@@ -49,7 +49,7 @@ def test_warm_server_preload_never_initialises_cuda(monkeypatch, no_leftovers):
 
 def test_caller_counts_gpus_without_initialising_cuda():
     "`import mpify_fastai` and `visible_gpu_count()` (what a launch runs in the caller) in a fresh interpreter: no CUDA call."
-    code = ("import json, cuda_probe, mpify_fastai\nfrom mpify_fastai.ddp import visible_gpu_count\n"
+    code = ("import json, cuda_probe, mpify_fastai\nfrom mpify_fastai.group import visible_gpu_count\n"
             "n = visible_gpu_count()\nprint(json.dumps(dict(cuda_probe.report(), n=n)))")
     env = helpers.subprocess_env(MPIFY_PREWARM='0')
     env['PYTHONPATH'] = os.pathsep.join([str(GPU_TESTS), env['PYTHONPATH']])

@@ -22,7 +22,8 @@ from fastcore.basics import noop
 
 import helpers
 from fastai_helpers import digits_dls_plain, mlp, params_of, sgd_learner
-from mpify_fastai.distributed import combine_metric_shares, metric_shares, share_loader_workers, shard_dl, unshard_dl
+from mpify_fastai.metrics import combine_metric_shares, metric_shares
+from mpify_fastai.sharding import share_loader_workers, shard_dl, unshard_dl
 from mpify_fastai.errors import LaunchError
 from mpify_fastai.progress import ProgressDisplay
 from mpify_fastai.training import (EpochCheckpoint, apply_result, is_rank0_only, learner_result, merged_history,
@@ -469,7 +470,7 @@ def test_sorted_dl_shards_partition_the_epoch_and_keep_rank_randomness(world):
 def test_module_ddp_answers_for_its_module(tmp_path):
     "Under DDP, `learn.model.reset()` and the module's attributes work, as fastai's callbacks (ModelResetter) expect."
     import torch.distributed as dist
-    from mpify_fastai.distributed import ModuleDDP
+    from mpify_fastai.runner import ModuleDDP
     class WithReset(nn.Module):
         def __init__(self): super().__init__(); self.encoder = nn.Linear(3, 3); self.resets = 0
         def reset(self): self.resets += 1

@@ -20,7 +20,7 @@ NO_GPU = "needs a CUDA GPU (torch.cuda.is_available() is False here)"
 
 def gpu_count() -> int:
     "Visible CUDA GPUs, counted through NVML as the package counts them: no CUDA context in this process."
-    from mpify_fastai.ddp import visible_gpu_count
+    from mpify_fastai.group import visible_gpu_count
     return visible_gpu_count()
 
 HAVE_GPU = not ON_CPU and gpu_count() > 0

@@ -9,6 +9,7 @@ import os, re, shutil, sys, time
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Sequence
+from ._private import nvml_gpu_count
 from .files import owned_tempdir
 from .launch import check_caller_rank, check_nprocs, launch_in_context
 from .worker import run_in_context
@@ -23,8 +24,7 @@ def visible_gpu_count() -> int:
     import torch
     if not torch.backends.cuda.is_built(): return 0
     if torch.cuda.is_initialized(): return torch.cuda.device_count()
-    try: n = torch.cuda._device_count_nvml()
-    except Exception: n = -1
+    n = nvml_gpu_count()
     if n < 0: return 0
     vis = os.environ.get('CUDA_VISIBLE_DEVICES')
     if vis is not None: n = min(n, len([v for v in vis.split(',') if v.strip() and not v.strip().startswith('-')]))

@@ -1,0 +1,81 @@
+"""Every private API of another library that this package relies on, in one place, each with what it stands in for.
+
+multiprocess, torch, numpy, fastai and the standard library give no public way to do these things; an upgrade that
+changes one of them breaks only this file. Nothing here imports torch or fastai: it reaches into what the caller has.
+"""
+from __future__ import annotations
+import functools, os, sys
+import multiprocess as mp
+from multiprocess import forkserver, spawn
+
+__all__ = ['forkserver_pid', 'stop_forkserver', 'in_spawn_bootstrap', 'skip_missing_main_path', 'nvml_gpu_count',
+           'ddp_ignore_parameters', 'numpy_frombuffer', 'LRU_CACHE_WRAPPER', 'LRU_CACHE_INFO', 'valid_metrics',
+           'train_metrics', 'loader_workers', 'set_loader_workers']
+
+# ---------------------------------------------------------------- multiprocess
+
+def forkserver_pid() -> int | None:
+    "Pid of multiprocess's fork server, if this process started one (no public accessor)."
+    return getattr(forkserver._forkserver, '_forkserver_pid', None)
+
+def stop_forkserver() -> None:
+    "Stop the fork server if one was started; the next `ensure_running` starts a new one (no public stop)."
+    if forkserver_pid() is not None: forkserver._forkserver._stop()
+
+def in_spawn_bootstrap() -> bool:
+    "True in a spawned child still importing the main module: an unguarded script reaching a launch (no public flag)."
+    return bool(getattr(mp.current_process(), '_inheriting', False))
+
+def skip_missing_main_path() -> None:
+    """A script read from stdin (`python - < train.py`) has `__main__.__file__ == '<stdin>'`, which multiprocess's children
+    would try to run as a file, and die: leave out a main path that is no file, as for a notebook. Idempotent."""
+    original = spawn.get_preparation_data
+    if getattr(original, 'skips_missing_main_path', False): return
+    def get_preparation_data(name):
+        data = original(name)
+        path = data.get('init_main_from_path')
+        if path is not None and not os.path.isfile(path): del data['init_main_from_path']
+        return data
+    get_preparation_data.skips_missing_main_path = True
+    spawn.get_preparation_data = get_preparation_data
+
+# ---------------------------------------------------------------- torch
+
+def nvml_gpu_count() -> int:
+    "GPUs NVML sees, without creating a CUDA context (`torch.cuda.device_count` would, in a process that forks); -1 if unknown."
+    try: return sys.modules['torch'].cuda._device_count_nvml()
+    except Exception: return -1
+
+def ddp_ignore_parameters(module, names: list[str]) -> None:
+    "Tell DistributedDataParallel to skip `module`'s parameters `names` (DDP's public API has no such argument)."
+    from torch.nn.parallel import DistributedDataParallel
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+
+# ---------------------------------------------------------------- numpy and the standard library
+
+def numpy_frombuffer():
+    "numpy's own array rebuilder from a protocol-5 buffer (what `ndarray.__reduce_ex__(5)` names), for a reduction of ours."
+    numeric = sys.modules.get('numpy._core.numeric') or sys.modules['numpy.core.numeric']
+    return numeric._frombuffer
+
+LRU_CACHE_WRAPPER = functools._lru_cache_wrapper   # the type of an `@lru_cache` function: pickled by value, cache dropped
+LRU_CACHE_INFO = functools._CacheInfo              # the named tuple its `cache_info` returns
+
+# ---------------------------------------------------------------- fastai
+
+def valid_metrics(recorder) -> list:
+    "The Recorder's validation metrics, loss first, as it reads them at `after_validate` (no public accessor)."
+    return list(recorder._valid_mets)
+
+def train_metrics(recorder) -> list:
+    "The Recorder's training metrics without its smoothed loss, as it reads them at `after_train` with `train_metrics=True`."
+    return list(recorder._train_mets[1:])
+
+def loader_workers(dl) -> int | None:
+    "The worker processes a fastai DataLoader's torch loader starts (its `fake_l`), or None where it has none."
+    loader = getattr(dl, 'fake_l', None)
+    return None if loader is None else loader.num_workers
+
+def set_loader_workers(dl, n: int) -> None:
+    loader = getattr(dl, 'fake_l', None)
+    if loader is not None: loader.num_workers = n
