@@ -7,15 +7,17 @@ launch finds torch (and fastai) already imported there; `MPIFY_PREWARM=0` turns 
 """
 __version__ = '0.1.0'
 import sys as _sys
-from .errors import LaunchError, WorkerError, WorkerDied, LaunchTimeout, MainGuardError, PayloadError
+from .errors import (UsageError, ArgumentError, ArgumentTypeError, NeedError, LaunchError, WorkerError, WorkerDied,
+                     LaunchTimeout, MainGuardError, PayloadError)
 from .imports import ImportsError, global_imports, import_star
-from .launch import ranch
+from .launch import ranch, LaunchOptions
 from .worker import send_event
-from .group import in_torchddp, TorchDDPCtx, rank_world, local_rank, local_device, is_rank0
+from .group import in_torchddp, TorchDDPCtx, GroupOptions, rank_world, local_rank, local_device, is_rank0
 from .fastai_hook import add_learner_methods_with_fastai as _add_learner_methods_with_fastai
 
 _FASTAI = {'fit_ddp': 'learner', 'DDPMethods': 'learner', 'DistributedRunner': 'runner',
-           'apply_result': 'training', 'learner_result': 'training'}
+           'apply_result': 'state', 'learner_result': 'state',
+           'DDPJob': 'training', 'DDPOptions': 'training', 'FitOptions': 'learner'}
 
 def __getattr__(name):
     "fastai parts load on first use, so `ranch`/`in_torchddp` users don't pay for importing fastai."
@@ -24,9 +26,9 @@ def __getattr__(name):
         return getattr(importlib.import_module(f'{__name__}.{_FASTAI[name]}'), name)
     raise AttributeError(f"module 'mpify_fastai' has no attribute {name!r}")
 
-__all__ = ['ranch', 'in_torchddp', 'TorchDDPCtx', 'rank_world', 'local_rank', 'local_device', 'is_rank0', 'send_event',
+__all__ = ['ranch', 'in_torchddp', 'TorchDDPCtx', 'LaunchOptions', 'GroupOptions', 'DDPOptions', 'FitOptions', 'DDPJob', 'rank_world', 'local_rank', 'local_device', 'is_rank0', 'send_event',
            'import_star', 'global_imports', 'fit_ddp', 'DDPMethods', 'DistributedRunner', 'apply_result', 'learner_result',
-           'LaunchError', 'WorkerError', 'WorkerDied', 'LaunchTimeout', 'MainGuardError', 'PayloadError', 'ImportsError']
+           'UsageError', 'ArgumentError', 'ArgumentTypeError', 'NeedError', 'LaunchError', 'WorkerError', 'WorkerDied', 'LaunchTimeout', 'MainGuardError', 'PayloadError', 'ImportsError']
 
 _add_learner_methods_with_fastai()
 if 'torch' in _sys.modules:

@@ -1,7 +1,23 @@
-"""Error types raised by the launcher, each one saying what failed and where."""
+"""Error types raised by the launcher, each one saying what failed and where, and how they reach the user: from the
+line that made the call, without the library's frames (`surfaces_errors`)."""
 from __future__ import annotations
+import functools, os, traceback
+from typing import Callable
 
-__all__ = ['LaunchError', 'WorkerError', 'WorkerDied', 'LaunchTimeout', 'MainGuardError', 'PayloadError']
+__all__ = ['UsageError', 'ArgumentError', 'ArgumentTypeError', 'NeedError', 'LaunchError', 'WorkerError', 'WorkerDied',
+           'LaunchTimeout', 'MainGuardError', 'PayloadError', 'surfaces_errors', 'user_frames']
+
+class UsageError(Exception):
+    "Base of the errors about what the user passed or wrote, raised before any worker starts."
+
+class ArgumentError(UsageError, ValueError):
+    "An argument has a value that cannot work; the message names the argument and what would."
+
+class ArgumentTypeError(UsageError, TypeError):
+    "An argument is of a type that cannot work, or a call's arguments do not fit its signature."
+
+class NeedError(UsageError, NameError):
+    "`need=` names a global that the notebook (or script) does not define."
 
 class LaunchError(RuntimeError):
     "Base class: a multi-process launch did not complete."
@@ -33,8 +49,27 @@ class WorkerDied(LaunchError):
 class LaunchTimeout(LaunchError, TimeoutError):
     "The workers did not finish within `timeout` seconds; all of them were stopped."
 
-class MainGuardError(LaunchError):
+class MainGuardError(UsageError, LaunchError):
     "A script started workers at import time: spawn re-imports the main module, so the launch must sit under the main guard."
 
-class PayloadError(TypeError):
+class PayloadError(UsageError, TypeError):
     "An argument (or `need` global) cannot be pickled for the workers; the message names where it sits."
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+def user_frames(tb: traceback.StackSummary | list) -> list:
+    "A worker's frames from the first one outside this package (the user's code, or fastai's that runs it) down."
+    frames = list(tb)
+    first = next((i for i, f in enumerate(frames) if not os.path.abspath(f.filename).startswith(_PACKAGE)), None)
+    return frames[first:] if first is not None else frames[-1:]
+
+def surfaces_errors(fn: Callable) -> Callable:
+    """Wrap a public entry point so that its usage and launch errors show the user's line and the message: the library's
+    frames are cut (and hidden from IPython and pytest), and no internal exception is chained above the message."""
+    @functools.wraps(fn)
+    def entry(*args, **kwargs):
+        __tracebackhide__ = True
+        try: return fn(*args, **kwargs)
+        except (UsageError, LaunchError) as e:
+            raise e.with_traceback(None) from (e.__cause__ if isinstance(e, WorkerError) else None)
+    return entry

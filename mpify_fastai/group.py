@@ -7,14 +7,17 @@ CUDA: GPUs are counted through NVML, and each worker selects its own device befo
 from __future__ import annotations
 import os, re, shutil, sys, time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Sequence
 from ._private import nvml_gpu_count
 from .files import owned_tempdir
-from .launch import check_caller_rank, check_nprocs, launch_in_context
+from .errors import ArgumentError, LaunchError, surfaces_errors
+from .launch import (LaunchOptions, OptionRecord, check_caller_rank, check_fn, check_nprocs, context_manager, gather_mode, launch,
+                     with_options)
 from .worker import run_in_context
 
-__all__ = ['in_torchddp', 'launch_in_group', 'TorchDDPCtx', 'rank_world', 'local_rank', 'local_device', 'is_rank0',
+__all__ = ['in_torchddp', 'TorchDDPCtx', 'GroupOptions', 'rank_world', 'local_rank', 'local_device', 'is_rank0',
            'visible_gpu_count', 'peer_failure']
 
 BACKENDS = ('gloo', 'nccl')
@@ -64,14 +67,14 @@ class TorchDDPCtx:
     def __init__(self, backend: str | None = None, init_method: str | None = None, timeout_s: float | None = None, *,
                  devices: Sequence[int] | None = None, num_threads: int | None = None, world_size: int | None = None,
                  base_rank: int = 0, use_gpu: bool = True, addr: str | None = None, port: int | None = None):
-        if backend is not None and backend not in BACKENDS: raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-        if base_rank: raise ValueError(f"base_rank={base_rank}: groups made here hold ranks 0..n-1 on this host. For several "
+        if backend is not None and backend not in BACKENDS: raise ArgumentError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        if base_rank: raise ArgumentError(f"base_rank={base_rank}: groups made here hold ranks 0..n-1 on this host. For several "
                                        "hosts, save the training with learn.save_ddp_job and run it under torchrun")
         if addr is not None or port is not None:
-            raise ValueError("addr/port are not needed: ranch and in_torchddp meet through a private file store, so nothing "
+            raise ArgumentError("addr/port are not needed: ranch and in_torchddp meet through a private file store, so nothing "
                              "listens on the network. Remove them (a group of your own reads MASTER_ADDR/MASTER_PORT)")
         if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1):
-            raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+            raise ArgumentError(f"num_threads must be a positive int, got {num_threads!r}")
         self.backend,self.init_method,self.timeout_s = backend if use_gpu else (backend or 'gloo'),init_method,timeout_s
         self.devices,self.num_threads,self.world_size,self.owns,self.launched = devices,num_threads,world_size,False,False
 
@@ -79,7 +82,7 @@ class TorchDDPCtx:
     def launch_env(self, nprocs: int) -> Iterator[Callable[[int], dict]]:
         "Caller side, before a launch: check backend and devices, make the private store; yields each rank's environment."
         if self.world_size not in (None, nprocs):
-            raise ValueError(f"world_size={self.world_size} but {nprocs} processes are launched: they must be equal here "
+            raise ArgumentError(f"world_size={self.world_size} but {nprocs} processes are launched: they must be equal here "
                              "(several hosts: save the training with learn.save_ddp_job and run it under torchrun)")
         with group_plan(nprocs, self.backend, self.devices) as env:
             n = self.num_threads
@@ -92,7 +95,7 @@ class TorchDDPCtx:
         if missing: raise RuntimeError(f"TorchDDPCtx needs {' and '.join(missing)} in the environment: run it under "
                                        "ranch/in_torchddp or torchrun, or set them (and MASTER_ADDR/MASTER_PORT) yourself")
         rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-        if self.world_size not in (None, world): raise ValueError(f"TorchDDPCtx(world_size={self.world_size}) in a world of {world}")
+        if self.world_size not in (None, world): raise ArgumentError(f"TorchDDPCtx(world_size={self.world_size}) in a world of {world}")
         dev = local_device()
         if dev.type == 'cuda': torch.cuda.set_device(dev)
         backend = self.backend or os.environ.get('MPIFY_BACKEND') or ('nccl' if dev.type == 'cuda' else 'gloo')
@@ -121,6 +124,17 @@ class TorchDDPCtx:
         self.owns = False
         return False
 
+@dataclass(frozen=True)
+class GroupOptions(OptionRecord):
+    """Which process group a launch's workers form: `backend` ('gloo', 'nccl', or None: NCCL where every rank can have its
+    own GPU, else gloo) and `devices` (GPU ids, one per rank; default 0..nprocs-1). Checked against the GPUs at launch."""
+    backend: str | None = None
+    devices: Sequence[int] | None = None
+    def __post_init__(self):
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ArgumentError(f"backend must be one of {BACKENDS} or None, got {self.backend!r}")
+    def group(self) -> 'TorchDDPCtx': return TorchDDPCtx(self.backend, devices=self.devices)
+
 _PEER_FAILURE = re.compile(r'gloo/transport|Connection (?:closed|reset) by peer|Broken pipe|remote process exited')
 _PEER_GRACE = 2.0   # seconds a rank whose collective failed because a peer went away waits before reporting it
 
@@ -136,23 +150,23 @@ def peer_failure(e: BaseException | None) -> bool:
 def _plan_devices(nprocs: int, backend: str | None, devices: Sequence[int] | None) -> tuple[str, list[str]]:
     "Choose the backend and each rank's device before anything starts; raise on what cannot work."
     if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        raise ArgumentError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     ngpu = visible_gpu_count()
     if devices is not None:
         devices = list(devices)
         if len(devices) != nprocs:
-            raise ValueError(f"devices lists {len(devices)} GPU id(s) for nprocs={nprocs}: give one per rank")
+            raise ArgumentError(f"devices lists {len(devices)} GPU id(s) for nprocs={nprocs}: give one per rank")
         bad = [d for d in devices if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < ngpu]
-        if bad: raise ValueError(f"devices {bad} are not among the {ngpu} visible GPU(s)")
+        if bad: raise ArgumentError(f"devices {bad} are not among the {ngpu} visible GPU(s)")
     if backend == 'nccl' or (backend is None and ngpu):
-        if ngpu == 0: raise RuntimeError("backend='nccl' needs CUDA GPUs, and this machine has none visible; use backend='gloo'")
+        if ngpu == 0: raise LaunchError("backend='nccl' needs CUDA GPUs, and this machine has none visible; use backend='gloo'")
         devs = devices if devices is not None else list(range(nprocs))
         if devices is None and nprocs > ngpu:
             if backend == 'nccl':
-                raise ValueError(f"backend='nccl' needs one GPU per rank: nprocs={nprocs} but {ngpu} GPU(s) are visible")
+                raise ArgumentError(f"backend='nccl' needs one GPU per rank: nprocs={nprocs} but {ngpu} GPU(s) are visible")
             return 'gloo', [str(r % ngpu) for r in range(nprocs)]
         if len(set(devs)) < len(devs):
-            if backend == 'nccl': raise ValueError(f"backend='nccl' needs a distinct GPU per rank, got devices={devs}")
+            if backend == 'nccl': raise ArgumentError(f"backend='nccl' needs a distinct GPU per rank, got devices={devs}")
             return 'gloo', [str(d) for d in devs]
         return 'nccl', [str(d) for d in devs]
     return 'gloo', ([str(d) for d in devices] if devices is not None else ['cpu'] * nprocs)
@@ -175,27 +189,22 @@ def group_plan(nprocs: int, backend: str | None = None, devices: Sequence[int] |
     try: yield ddp_env(nprocs, backend, devs, store_dir)
     finally: shutil.rmtree(store_dir, ignore_errors=True)
 
-def launch_in_group(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = None, *, backend: str | None = None,
-                    devices: Sequence[int] | None = None, **launch_opts) -> Any:
-    "The engine behind `in_torchddp`: `launch` (same options: `on_event`, `gather`, ...) with every worker in one group."
-    return launch_in_context(nprocs, fn, args, kwargs, TorchDDPCtx(backend, devices=devices), **launch_opts)
-
-def in_torchddp(nprocs: int, fn: Callable, *args, backend: str | None = None, devices: Sequence[int] | None = None,
-                ctx=None, world_size: int | None = None, base_rank: int = 0, caller_rank: int | None = None,
-                gather='all', need: str = '', imports: str = '', start_method: str = 'warm',
-                timeout: float | None = None, output: str = 'rank0', **kwargs) -> Any:
+@surfaces_errors
+@with_options(LaunchOptions, GroupOptions)
+def in_torchddp(nprocs: int, fn: Callable, *args, ctx=None, world_size: int | None = None, base_rank: int = 0,
+                caller_rank: int | None = None, gather='all', on_event: Callable | None = None, **kwargs) -> Any:
     """Like `ranch`, but every worker is a member of one `torch.distributed` process group while `fn` runs:
     NCCL with one GPU per rank where GPUs are visible, gloo otherwise (`backend=` overrides); `devices` picks GPU ids.
     `ctx`: your own context manager, entered inside the group around `fn`, or a `TorchDDPCtx` to use as the group.
     mpify's `world_size` must equal `nprocs` and `base_rank` be 0; `caller_rank` must be None (see `ranch`)."""
     check_caller_rank(caller_rank)
-    nprocs = check_nprocs(nprocs)
-    if not callable(fn): raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    group = TorchDDPCtx(backend, devices=devices, world_size=world_size, base_rank=base_rank)
+    nprocs, options, fn = check_nprocs(nprocs), LaunchOptions.take(kwargs), check_fn(fn)
+    given = {k: kwargs[k] for k in ('backend', 'devices') if k in kwargs}
+    opts = GroupOptions.take(kwargs)
+    group = TorchDDPCtx(opts.backend, devices=opts.devices, world_size=world_size, base_rank=base_rank)
     if isinstance(ctx, TorchDDPCtx) or (isinstance(ctx, type) and issubclass(ctx, TorchDDPCtx)):
-        if backend is not None or devices is not None:
-            raise ValueError("give backend/devices either to in_torchddp or to its ctx=TorchDDPCtx(...), not both")
+        if any(v is not None for v in given.values()):
+            raise ArgumentError("give backend/devices either to in_torchddp or to its ctx=TorchDDPCtx(...), not both")
         group, ctx = (ctx() if isinstance(ctx, type) else ctx), None
-    if ctx is not None: fn, args = run_in_context, (ctx, fn) + args
-    return launch_in_context(nprocs, fn, args, kwargs, group, gather=gather, need=need, imports=imports,
-                             start_method=start_method, timeout=timeout, output=output)
+    if ctx is not None: fn, args = run_in_context, (context_manager(ctx), fn) + args
+    return launch(nprocs, fn, args, kwargs, options, gather=gather_mode(gather, nprocs), ctx=group, on_event=on_event)

@@ -2,10 +2,11 @@
 from __future__ import annotations
 import ast, importlib
 from typing import Iterable
+from .errors import UsageError
 
 __all__ = ['ImportsError', 'parse_imports', 'run_imports', 'global_imports', 'import_star']
 
-class ImportsError(ValueError):
+class ImportsError(UsageError, ValueError):
     "`imports=` text that is not a sequence of import statements."
 
 def parse_imports(src: str) -> ast.Module:

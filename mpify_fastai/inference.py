@@ -5,16 +5,15 @@ A rank's shard is its share of the DataLoader's own (unshuffled) batches, unpadd
 every batch is one a local call forms; nothing the worker's Learner detaches is gathered across ranks. `validate` combines the metric accumulators across ranks, as a fit does.
 """
 from __future__ import annotations
-from typing import Any, Callable
+from typing import Any
 import torch
 from fastai.callback.core import Callback
-from fastai.learner import Learner
 from fastai.torch_core import to_detach
 from ._private import valid_metrics
 from .group import rank_world
 from .metrics import reduce_metrics
 from .sharding import shard_dl, share_loader_workers
-from .training import DRAWN_BY_CALLER, worker_learner
+from .training import DRAWN_BY_CALLER, DDPJob, worker_learner
 
 __all__ = ['INFERENCE', 'rank_shard', 'infer_in_worker', 'merge_shards']
 
@@ -36,14 +35,16 @@ class _CombinedMetrics(Callback):
     order = 11
     def after_validate(self): reduce_metrics(valid_metrics(self.recorder))
 
-def infer_in_worker(source: Learner | Callable[[], Learner], method: str, kwargs: dict) -> tuple[list[int], Any] | None:
-    """Worker side of `learn.ddp(n).get_preds/tta/validate(...)`: run `method` on this rank's shard. `get_preds`/`tta`
-    return (keys, result): sorting every rank's keys together puts the items where a local call puts them (dataset
-    order, or the DataLoader's own with `reorder=False`). `validate` returns rank 0's whole-set values."""
+def infer_in_worker(job: DDPJob) -> tuple[list[int], Any] | None:
+    """Worker side of `learn.ddp(n).get_preds/tta/validate(...)`: run `job.method` (its arguments by name in `job.kwargs`)
+    on this rank's shard. `get_preds`/`tta` return (keys, result): sorting every rank's keys together puts the items where
+    a local call puts them (dataset order, or the DataLoader's own with `reorder=False`). `validate` returns rank 0's
+    whole-set values."""
     rank, world = rank_world()
-    learn, _ = worker_learner(source, {}, rank0_drops=DRAWN_BY_CALLER, quiet=True)
+    method = job.method
+    learn, _ = worker_learner(job.source, {}, rank0_drops=DRAWN_BY_CALLER, quiet=True)
     learn.to_detach = lambda b, cpu=True, gather=True: to_detach(b, cpu, gather=False)   # DataLoaders fastai makes too
-    kwargs = dict(kwargs)
+    kwargs = dict(job.kwargs)
     dl = kwargs.pop('dl', None) or learn.dls[kwargs.pop('ds_idx', 1)].new(shuffle=False, drop_last=False)
     if method == 'tta':   # augmentations before sharding: a DataLoader made later would gather again
         item_tfms, batch_tfms = kwargs.pop('item_tfms', None), kwargs.pop('batch_tfms', None)

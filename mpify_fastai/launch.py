@@ -7,77 +7,128 @@ signal plus a pipe watchdog), so a restarted kernel never finds yesterday's work
 """
 from __future__ import annotations
 import errno, inspect, os, random, shutil, signal, sys, tempfile, time
-from contextlib import nullcontext
-from typing import Any, Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Sequence
 import multiprocess as mp
 from multiprocess.connection import wait
-from .errors import LaunchTimeout, MainGuardError, PayloadError, WorkerDied, WorkerError
 from ._private import in_spawn_bootstrap, skip_missing_main_path
-from .procfs import process_group_members
+from .errors import (ArgumentError, ArgumentTypeError, LaunchTimeout, MainGuardError, NeedError, PayloadError, WorkerDied,
+                     WorkerError, surfaces_errors)
 from .files import owned_tempdir
 from .imports import parse_imports
-from .serialize import check_call, dumps, loads
+from .procfs import process_group_members
+from .serialize import Payload, check_call, dumps, loads
 from .warm import mark_ready, prewarm, warm_context, warm_ready
-from .worker import ACK, MAIN_GUARD_EXIT, STACKS_SIGNAL, run_in_context, stack_file, worker_main
+from .worker import (MAIN_GUARD_EXIT, STACKS_SIGNAL, Ack, Event, Failure, Output, Result, WorkerSpec, run_in_context,
+                     stack_file, worker_main)
 
-__all__ = ['ranch', 'launch', 'launch_in_context', 'check_nprocs', 'check_caller_rank', 'need_globals', 'START_METHODS',
-           'OUTPUT_MODES']
+__all__ = ['ranch', 'launch', 'OptionRecord', 'LaunchOptions', 'with_options', 'check_nprocs', 'check_fn', 'check_caller_rank',
+           'gather_mode', 'context_manager', 'START_METHODS', 'OUTPUT_MODES']
 
 START_METHODS = ('warm', 'spawn', 'fork', 'forkserver')   # 'warm': fork server with torch/fastai preloaded (warm.py)
 OUTPUT_MODES = ('rank0', 'all', 'none')
 _STOP_GRACE = 1.0         # seconds between SIGTERM and SIGKILL when stopping workers
 
-# ---------------------------------------------------------------- checks, before anything starts
+# ---------------------------------------------------------------- options and checks, before anything starts
+
+def _need_globals(need: str | Sequence[str]) -> dict:
+    "The notebook (`__main__`) globals named in `need` (\"a b\" or a list), name -> value."
+    names = need.replace(',', ' ').split() if isinstance(need, str) else list(need)
+    main = sys.modules['__main__'].__dict__
+    missing = [n for n in names if n not in main]
+    if missing:
+        raise NeedError(f"need names {', '.join(map(repr, missing))}, which {'is' if len(missing) == 1 else 'are'} "
+                        "not defined in __main__ (the notebook or script); define it first or fix the spelling")
+    return {n: main[n] for n in names}
+
+class OptionRecord:
+    "Base of the option records (dataclasses): each is made, and checked, from an entry point's keyword arguments."
+    @classmethod
+    def take(cls, kwargs: dict):
+        "The record made from the keyword arguments in `kwargs` that name its fields; those are removed from `kwargs`."
+        return cls(**{f.name: kwargs.pop(f.name) for f in fields(cls) if f.name in kwargs})
+
+@dataclass(frozen=True)
+class LaunchOptions(OptionRecord):
+    """How every launch runs (`ranch`, `in_torchddp`, `fit_ddp`, `learn.ddp`), checked once, when made.
+    `need`: notebook globals to ship ("a b"); `imports`: import statements run in each worker first; `start_method`:
+    'warm' (fork from a per-session server with torch/fastai imported), 'spawn', 'fork' or 'forkserver'; `timeout`:
+    seconds before every worker is stopped; `output`: whose prints reach you, 'rank0' (and every rank's stderr), 'all'
+    or 'none'."""
+    need: str | Sequence[str] = ''
+    imports: str = ''
+    start_method: str = 'warm'
+    timeout: float | None = None
+    output: str = 'rank0'
+
+    def __post_init__(self):
+        if self.start_method not in START_METHODS:
+            raise ArgumentError(f"start_method must be one of {START_METHODS}, got {self.start_method!r}")
+        if self.output not in OUTPUT_MODES: raise ArgumentError(f"output must be one of {OUTPUT_MODES}, got {self.output!r}")
+        t = self.timeout
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
+            raise ArgumentError(f"timeout must be a positive number of seconds or None, got {t!r}")
+        parse_imports(self.imports)
+        _need_globals(self.need)
+
+    @property
+    def need_globals(self) -> dict: return _need_globals(self.need)
+
+def with_options(*records: type) -> Callable:
+    """Show the fields of option records (dataclasses, such as `LaunchOptions`) in the decorated function's signature,
+    keyword-only before its `**kwargs`, so that `help()`, Tab and Shift-Tab list options declared once, in the record."""
+    def show(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+        own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        rest = [p for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD]
+        added = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+                 for r in records for f in fields(r) if f.name not in sig.parameters]
+        fn.__signature__ = sig.replace(parameters=own + added + rest)
+        return fn
+    return show
 
 def check_nprocs(nprocs) -> int:
-    "`nprocs` as an int, or ValueError naming it."
+    "`nprocs` as an int, or an error naming it."
     if isinstance(nprocs, bool) or not hasattr(nprocs, '__index__') or int(nprocs) < 1:
-        raise ValueError(f"nprocs must be a positive int, got {nprocs!r}")
+        raise ArgumentError(f"nprocs must be a positive int, got {nprocs!r}")
     return int(nprocs)
+
+def check_fn(fn) -> Callable:
+    if not callable(fn): raise ArgumentTypeError(f"fn must be callable, got {type(fn).__name__}")
+    return fn
+
+def check_caller_rank(caller_rank) -> None:
+    "mpify let the caller run a rank itself; here every rank runs in a worker, so only `caller_rank=None` is accepted."
+    if caller_rank is not None:
+        raise ArgumentError(f"caller_rank={caller_rank!r}: the caller never runs a rank here, so that it never joins a process "
+                            "group or touches a GPU and can always stop the workers. Every rank runs in a worker and its "
+                            "result comes back: drop caller_rank, and use gather=0 for rank 0's result (default: every "
+                            "rank's, in order)")
+
+def gather_mode(gather, nprocs: int):
+    "`gather` as `launch` uses it: 'all', None or a rank. mpify's True and False mean 'all' and None: the caller takes no rank."
+    if gather is True or gather is False: return 'all' if gather else None
+    if gather is None or gather == 'all': return gather
+    if not isinstance(gather, int) or not 0 <= gather < nprocs:
+        raise ArgumentError(f"gather must be 'all' (or True), None (or False) or a rank in 0..{nprocs-1}, got {gather!r}")
+    return gather
+
+def context_manager(ctx):
+    "`ctx` checked before launch: a context manager, or a zero-argument callable returning one (a class planning launches is made here)."
+    if ctx is None: return None
+    if isinstance(ctx, type) and hasattr(ctx, 'launch_env'): return ctx()
+    if inspect.isgenerator(getattr(ctx, 'gen', None)):
+        raise ArgumentTypeError("ctx is a running @contextmanager generator, which cannot be sent to other processes: pass "
+                                "the function itself (ctx=my_context, not ctx=my_context())")
+    if (hasattr(ctx, '__enter__') and hasattr(ctx, '__exit__')) or callable(ctx): return ctx
+    raise ArgumentTypeError(f"ctx must be a context manager, or a zero-argument function returning one; got {type(ctx).__name__}")
 
 def _caller_seed() -> int:
     """A seed for the workers' RNGs drawn from the caller's own (torch's where loaded, as fastai's `set_seed` seeds it, else
     Python's): each call draws anew, and a seed set in the notebook makes the workers' draws repeat."""
     torch = sys.modules.get('torch')
     return int(torch.randint(0, 2**62, ())) if torch is not None else random.getrandbits(62)
-
-def need_globals(need: str | list[str] | tuple[str, ...]) -> dict:
-    "The notebook (`__main__`) globals named in `need` (\"a b\" or a list), name -> value; NameError for a missing one."
-    names = need.replace(',', ' ').split() if isinstance(need, str) else list(need)
-    main = sys.modules['__main__'].__dict__
-    missing = [n for n in names if n not in main]
-    if missing:
-        raise NameError(f"need names {', '.join(map(repr, missing))}, which {'is' if len(missing) == 1 else 'are'} "
-                        "not defined in __main__ (the notebook or script); define it first or fix the spelling")
-    return {n: main[n] for n in names}
-
-def _gather_mode(gather, nprocs: int):
-    "`gather` as `launch` uses it: 'all', None or a rank. mpify's True and False mean 'all' and None: the caller takes no rank."
-    if gather is True or gather is False: return 'all' if gather else None
-    if gather is None or gather == 'all': return gather
-    if not isinstance(gather, int) or not 0 <= gather < nprocs:
-        raise ValueError(f"gather must be 'all' (or True), None (or False) or a rank in 0..{nprocs-1}, got {gather!r}")
-    return gather
-
-def check_caller_rank(caller_rank) -> None:
-    "mpify let the caller run a rank itself; here every rank runs in a worker, so only `caller_rank=None` is accepted."
-    if caller_rank is not None:
-        raise ValueError(f"caller_rank={caller_rank!r}: the caller never runs a rank here, so that it never joins a process "
-                         "group or touches a GPU and can always stop the workers. Every rank runs in a worker and its result "
-                         "comes back: drop caller_rank, and use gather=0 for rank 0's result (default: every rank's, in order)")
-
-def _context_manager(ctx):
-    "`ctx` checked before launch: a context manager, or a zero-argument callable returning one (a class planning launches is made here)."
-    if isinstance(ctx, type) and hasattr(ctx, 'launch_env'): return ctx()
-    if inspect.isgenerator(getattr(ctx, 'gen', None)):
-        raise TypeError("ctx is a running @contextmanager generator, which cannot be sent to other processes: pass the "
-                        "function itself (ctx=my_context, not ctx=my_context())")
-    if (hasattr(ctx, '__enter__') and hasattr(ctx, '__exit__')) or callable(ctx): return ctx
-    raise TypeError(f"ctx must be a context manager, or a zero-argument function returning one; got {type(ctx).__name__}")
-
-def _check_timeout(timeout):
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
 
 # ---------------------------------------------------------------- scratch folder for shared tensors
 
@@ -140,25 +191,26 @@ class _Collector:
         self.n,self.on_output,self.on_event = nprocs,on_output,on_event
         self.results,self.failure = {},None
 
-    def handle(self, rank: int, conn, msg: tuple):
-        kind = msg[0]
-        if kind == 'out': self.on_output(rank, msg[1], msg[2])
-        elif kind == 'event':
-            if self.on_event is not None: self.on_event(rank, *msg[1:])
-        elif kind == 'result':
-            self.results[rank] = None if msg[1] is None else loads(msg[1], install_globals=False)
-            conn.send(ACK)
-        elif kind == 'error' and self.failure is None:
-            _, exc_type, text, tb, pickled = msg
-            err = WorkerError(rank, exc_type, text, tb)
-            cause = None
-            if pickled is not None:
-                try:
-                    import dill
-                    cause = dill.loads(pickled)
-                except Exception: cause = None
-            err.__cause__ = cause
-            self.failure = err
+    def handle(self, rank: int, conn, msg: Output | Event | Result | Failure):
+        match msg:
+            case Output(stream, text): self.on_output(rank, stream, text)
+            case Event(data):
+                if self.on_event is not None: self.on_event(rank, *data)
+            case Result(payload):
+                self.results[rank] = None if payload is None else loads(payload, install_globals=False)
+                conn.send(Ack())
+            case Failure() if self.failure is None:
+                err = WorkerError(rank, msg.exc_type, msg.message, msg.traceback)
+                err.__cause__ = _unpickled(msg.pickled)
+                self.failure = err
+
+def _unpickled(data: bytes | None) -> BaseException | None:
+    "A worker's exception as it raised it, where it unpickles here."
+    if data is None: return None
+    try:
+        import dill
+        return dill.loads(data)
+    except Exception: return None
 
 def _default_output(mode: str) -> Callable:
     def show(rank: int, stream: str, text: str):
@@ -168,66 +220,75 @@ def _default_output(mode: str) -> Callable:
               flush=True)
     return show
 
-def launch(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = None, *, gather='all', need='',
-           imports: str = '', start_method: str = 'warm', timeout: float | None = None, output: str = 'rank0',
-           env: dict | Callable[[int], dict] | None = None, on_event: Callable | None = None,
-           on_output: Callable | None = None, context=None, arg_names: dict[str, Any] | None = None) -> Any:
-    """Run `fn(*args, **kwargs)` on `nprocs` new processes and gather results; the engine behind `ranch`.
-    `env` adds variables to each worker (a dict, or rank -> dict); `on_event(rank, *data)` receives what workers
-    send with `send_event`; `context` is a multiprocess context to start workers from (default: `start_method`);
+def _ship(call: tuple, need: dict, arg_names: dict | None) -> tuple[str, Payload]:
+    """`call` (fn, args, kwargs) serialized once for every worker into a new scratch folder (on disk where /dev/shm is
+    full); a `PayloadError` naming what cannot be sent. Returns the folder and the payload."""
+    scratch = _make_scratch()
+    try:
+        try: return scratch, dumps(call, need=need, segment_path=os.path.join(scratch, 'payload'))
+        except OSError as e:
+            if e.errno != errno.ENOSPC: raise
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch = owned_tempdir('call')
+        print(f"mpify_fastai: {_scratch_root()} has no room for this call's data; it goes through {scratch} on disk "
+              "(slower to start). Docker: --shm-size=8g gives it room", file=sys.stderr, flush=True)
+        return scratch, dumps(call, need=need, segment_path=os.path.join(scratch, 'payload'))
+    except BaseException as e:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if isinstance(e, (OSError, KeyboardInterrupt)): raise
+        check_call(*call, need, arg_names)
+        raise PayloadError(f"cannot send the call to the workers: {type(e).__name__}: {e}") from None
+
+def launch(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = None,
+           options: LaunchOptions = LaunchOptions(), *, gather='all', ctx=None, env: dict | Callable[[int], dict] | None = None,
+           on_event: Callable | None = None, on_output: Callable | None = None, context=None,
+           arg_names: dict[str, Any] | None = None) -> Any:
+    """The one engine behind `ranch`, `in_torchddp`, `fit_ddp` and `learn.ddp`: run `fn(*args, **kwargs)` on `nprocs` new
+    processes under `options` and gather results (`gather`: 'all', a rank or None). Its callers have checked their
+    arguments. `ctx` (a context manager, or a zero-argument callable returning one) is entered around `fn` in every
+    worker; one that plans launches (`TorchDDPCtx`) gives the workers their environment through `launch_env(nprocs)`.
+    `env` adds variables to each worker (a dict, or rank -> dict); `on_event(rank, *data)` receives what workers send
+    with `send_event`; `context` is a multiprocess context to start workers from (default: `options.start_method`);
     `arg_names` (name -> argument) gives the names a payload error starts its path from, e.g. {'learn': learn}."""
     if in_spawn_bootstrap(): os._exit(MAIN_GUARD_EXIT)
     skip_missing_main_path()
-    nprocs = check_nprocs(nprocs)
-    if not callable(fn): raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    if start_method not in START_METHODS: raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
-    if output not in OUTPUT_MODES: raise ValueError(f"output must be one of {OUTPUT_MODES}, got {output!r}")
-    gather = _gather_mode(gather, nprocs); _check_timeout(timeout)
-    kwargs = dict(kwargs or {})
-    parse_imports(imports)
-    need_vals = need_globals(need)
-
-    scratch = _make_scratch()
-    spill = os.path.join(tempfile.gettempdir(), os.path.basename(scratch) + '-spill')   # results, if scratch fills up
-    procs, conns = [], []
-    try:
-        try: payload = dumps((fn, tuple(args), kwargs), need=need_vals, segment_path=os.path.join(scratch, 'payload'))
-        except OSError as e:
-            if e.errno != errno.ENOSPC: raise
-            shutil.rmtree(scratch, ignore_errors=True)
-            scratch = owned_tempdir('call')
-            print(f"mpify_fastai: {_scratch_root()} has no room for this call's data; it goes through {scratch} on disk "
-                  "(slower to start). Docker: --shm-size=8g gives it room", file=sys.stderr, flush=True)
-            payload = dumps((fn, tuple(args), kwargs), need=need_vals, segment_path=os.path.join(scratch, 'payload'))
-        except Exception as e:
-            check_call(fn, args, kwargs, need_vals, arg_names)
-            raise PayloadError(f"cannot send the call to the workers: {type(e).__name__}: {e}") from e
-        world = {'WORLD_SIZE': str(nprocs), 'LOCAL_WORLD_SIZE': str(nprocs)}
-        envs = [{**world, 'RANK': str(r), 'LOCAL_RANK': str(r), **((env(r) if callable(env) else env) or {})} for r in range(nprocs)]
-        light = env is None and b'torch' not in payload.data and b'fastai' not in payload.data
-        ctx = context or _context(start_method, light)
-        forkserver = ctx.get_start_method() == 'forkserver'
-        call = os.path.join(scratch, 'call.pkl')   # a file, not a Process argument: the start-up data stays small, so a
-        with open(call, 'wb') as f: f.write(payload.data)   # worker dying at start (unguarded script) shows its exit code
-        spec = dict(parent_pid=None if forkserver else os.getpid(), env=envs, imports=imports, payload=call, scratch=scratch,
-                    spill=spill, gather=gather, base_env=dict(os.environ) if forkserver else None, seed=_caller_seed())
-        for r in range(nprocs):
-            parent_end, child_end = ctx.Pipe(duplex=True)
-            p = ctx.Process(target=worker_main, args=(r, child_end, spec), name=f'mpify-rank{r}', daemon=False)
-            p.start()
-            child_end.close()
-            procs.append(p); conns.append(parent_end)
-        collected = _Collector(nprocs, on_output or _default_output(output), on_event)
-        _supervise(collected, procs, conns, timeout)
-        if context is None and start_method == 'warm' and forkserver: mark_ready()
-    except BaseException as e:
-        if isinstance(e, (LaunchTimeout, KeyboardInterrupt)): _report_stacks(e, procs, scratch)
-        _stop_workers(procs)
-        raise
-    finally:
-        for c in conns: c.close()
-        for d in (scratch, spill): shutil.rmtree(d, ignore_errors=True)
-    return list(collected.results[r] for r in range(nprocs)) if gather == 'all' else None if gather is None else collected.results[gather]
+    with ExitStack() as group:
+        if ctx is not None:
+            plan = getattr(ctx, 'launch_env', None)
+            if plan is not None: env = group.enter_context(plan(nprocs))
+            fn, args = run_in_context, (ctx, fn) + tuple(args)
+        kwargs, need = kwargs or {}, options.need_globals
+        scratch, payload = _ship((fn, tuple(args), kwargs), need, arg_names)
+        spill = os.path.join(tempfile.gettempdir(), os.path.basename(scratch) + '-spill')   # results, if scratch fills up
+        procs, conns = [], []
+        try:
+            world = {'WORLD_SIZE': str(nprocs), 'LOCAL_WORLD_SIZE': str(nprocs)}
+            envs = [{**world, 'RANK': str(r), 'LOCAL_RANK': str(r), **((env(r) if callable(env) else env) or {})} for r in range(nprocs)]
+            light = env is None and not payload.needs_torch
+            ctx = context or _context(options.start_method, light)
+            forkserver = ctx.get_start_method() == 'forkserver'
+            call = os.path.join(scratch, 'call.pkl')   # a file, not a Process argument: the start-up data stays small, so a
+            with open(call, 'wb') as f: f.write(payload.data)   # worker dying at start (unguarded script) shows its exit code
+            spec = WorkerSpec(env=envs, payload=call, scratch=scratch, spill=spill, gather=gather, seed=_caller_seed(),
+                              imports=options.imports, parent_pid=None if forkserver else os.getpid(),
+                              base_env=dict(os.environ) if forkserver else None)
+            for r in range(nprocs):
+                parent_end, child_end = ctx.Pipe(duplex=True)
+                p = ctx.Process(target=worker_main, args=(r, child_end, spec), name=f'mpify-rank{r}', daemon=False)
+                p.start()
+                child_end.close()
+                procs.append(p); conns.append(parent_end)
+            collected = _Collector(nprocs, on_output or _default_output(options.output), on_event)
+            _supervise(collected, procs, conns, options.timeout)
+            if context is None and options.start_method == 'warm' and forkserver: mark_ready()
+        except BaseException as e:
+            if isinstance(e, (LaunchTimeout, KeyboardInterrupt)): _report_stacks(e, procs, scratch)
+            _stop_workers(procs)
+            raise
+        finally:
+            for c in conns: c.close()
+            for d in (scratch, spill): shutil.rmtree(d, ignore_errors=True)
+        return list(collected.results[r] for r in range(nprocs)) if gather == 'all' else None if gather is None else collected.results[gather]
 
 def _supervise(collected: _Collector, procs: list, conns: list, timeout: float | None):
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -263,28 +324,18 @@ def _death(rank: int, exitcode: int, nprocs: int) -> Exception:
                               "starts workers under `if __name__ == \"__main__\":`")
     return WorkerDied(rank, exitcode)
 
-def launch_in_context(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = None, ctx=None, **launch_opts) -> Any:
-    """`launch` with `fn` run inside `ctx` in every worker (mpify's `ranch(ctx=)`). A context that plans launches, such as
-    `TorchDDPCtx`, gives the workers their environment through its `launch_env(nprocs)`."""
-    if ctx is None: return launch(nprocs, fn, args, kwargs, **launch_opts)
-    nprocs = check_nprocs(nprocs)
-    if not callable(fn): raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    ctx = _context_manager(ctx)
-    plan = getattr(ctx, 'launch_env', None)
-    with (plan(nprocs) if plan is not None else nullcontext()) as env:
-        return launch(nprocs, run_in_context, (ctx, fn) + tuple(args), kwargs, env=env, **launch_opts)
-
-def ranch(nprocs: int, fn: Callable, *args, caller_rank: int | None = None, gather='all', ctx=None, need: str = '',
-          imports: str = '', start_method: str = 'warm', timeout: float | None = None, output: str = 'rank0', **kwargs) -> Any:
+@surfaces_errors
+@with_options(LaunchOptions)
+def ranch(nprocs: int, fn: Callable, *args, caller_rank: int | None = None, gather='all', ctx=None,
+          on_event: Callable | None = None, **kwargs) -> Any:
     """Run `fn(*args, **kwargs)` on `nprocs` fresh processes (ranks 0..nprocs-1), block until all finish, and return
     every rank's result as a list in rank order (`gather=r`: rank r's only; `gather=None`: nothing; mpify's True/False too).
     `ctx`: a context manager (or a zero-argument callable returning one) entered around `fn` in every worker;
-    `ctx=TorchDDPCtx()` runs `fn` in one torch.distributed group, as `in_torchddp` does.
-    `need="a b"` ships those notebook globals; `imports` is import statements run in each worker first;
-    `output` picks whose prints reach you: 'rank0' (and every rank's stderr), 'all' or 'none'.
-    `start_method`: 'warm' (default: fork from a per-session server that has torch/fastai imported, CUDA-safe),
-    'spawn' (a fresh interpreter per worker), 'fork' or 'forkserver' (multiprocess's, nothing preloaded).
-    `caller_rank` exists for mpify's callers: only None is accepted, since the caller never runs a rank here."""
+    `ctx=TorchDDPCtx()` runs `fn` in one torch.distributed group, as `in_torchddp` does. `on_event(rank, *data)` receives,
+    while they run, what the workers send with `send_event(*data)`. The launch options (`need`, `imports`,
+    `start_method`, `timeout`, `output`) are `LaunchOptions`'. `caller_rank` exists for mpify's callers: only None is
+    accepted, since the caller never runs a rank here."""
     check_caller_rank(caller_rank)
-    return launch_in_context(nprocs, fn, args, kwargs, ctx, gather=gather, need=need, imports=imports,
-                             start_method=start_method, timeout=timeout, output=output)
+    nprocs, options = check_nprocs(nprocs), LaunchOptions.take(kwargs)
+    return launch(nprocs, check_fn(fn), args, kwargs, options, gather=gather_mode(gather, nprocs),
+                  ctx=context_manager(ctx), on_event=on_event)

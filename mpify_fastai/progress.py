@@ -5,41 +5,76 @@ in a terminal, the console version. Workers never draw anything themselves.
 """
 from __future__ import annotations
 import time
-from typing import Any
+from dataclasses import dataclass
 from fastai.callback.core import Callback
 from .worker import send_event
 
-__all__ = ['ProgressEvents', 'ProgressDisplay']
+__all__ = ['ProgressEvents', 'ProgressDisplay', 'FitStarted', 'EpochStarted', 'BarStarted', 'BatchDone', 'RowLogged',
+           'FitEnded']
 
 _BATCH_EVERY = 0.2   # seconds between batch updates sent from the worker
 
 def _fmt(log) -> list[str]: return [f'{v:.6f}' if isinstance(v, float) else str(v) for v in log]
+
+# ---------------------------------------------------------------- the events, rank 0 to the caller
+
+@dataclass(frozen=True)
+class FitStarted:
+    "A fit of `n_epoch` epochs begins; `names` heads the table."
+    n_epoch: int
+    names: list[str]
+
+@dataclass(frozen=True)
+class EpochStarted:
+    epoch: int
+
+@dataclass(frozen=True)
+class BarStarted:
+    "A training or validation pass of `total` batches begins."
+    total: int
+
+@dataclass(frozen=True)
+class BatchDone:
+    "`done` batches of the pass are done; `loss` is the smoothed training loss (None while validating)."
+    done: int
+    loss: float | None
+
+@dataclass(frozen=True)
+class RowLogged:
+    "An epoch's table row, the per-batch losses since the last row, and its validation loss (for the loss graph)."
+    cells: list[str]
+    losses: list[float]
+    val_loss: float | None
+
+@dataclass(frozen=True)
+class FitEnded:
+    "The fit is over."
 
 class ProgressEvents(Callback):
     "Rank 0's stand-in for `ProgressCallback`: sends what it would draw to the caller."
     order = 60
     def before_fit(self):
         self.old_logger, self.learn.logger, self.sent = self.learn.logger, self._row, 0
-        send_event('progress', 'fit', self.n_epoch, _fmt(self.recorder.metric_names))
-    def before_epoch(self): send_event('progress', 'epoch', self.epoch)
+        send_event(FitStarted(self.n_epoch, _fmt(self.recorder.metric_names)))
+    def before_epoch(self): send_event(EpochStarted(self.epoch))
     def before_train(self): self._bar()
     def before_validate(self): self._bar()
     def _bar(self):
         self.last = 0.
-        send_event('progress', 'bar', len(self.dl))
+        send_event(BarStarted(len(self.dl)))
     def after_batch(self):
         now = time.monotonic()
         if now - self.last >= _BATCH_EVERY or self.iter + 1 == self.n_iter:
             self.last = now
             loss = float(self.smooth_loss) if self.training and hasattr(self, 'smooth_loss') else None
-            send_event('progress', 'batch', self.iter + 1, loss)
+            send_event(BatchDone(self.iter + 1, loss))
     def _row(self, log):
         rec = self.recorder
         new, self.sent = [float(l) for l in rec.losses[self.sent:]], len(rec.losses)
-        send_event('progress', 'row', _fmt(log), new, float(rec.values[-1][1]) if rec.values and len(rec.values[-1]) > 1 else None)
+        send_event(RowLogged(_fmt(log), new, float(rec.values[-1][1]) if rec.values and len(rec.values[-1]) > 1 else None))
     def after_fit(self):
         self.learn.logger = self.old_logger
-        send_event('progress', 'end')
+        send_event(FitEnded())
 
 class ProgressDisplay:
     """Caller side: turns rank 0's progress events into a fastprogress master bar and table (HTML in Jupyter),
@@ -48,9 +83,16 @@ class ProgressDisplay:
         self.mbar,self.pbar,self.graph,self.resume_at = None,None,graph,None
         self.losses,self.val_losses,self.epoch_ends,self.n_epoch = [],[],[],0
 
-    def __call__(self, rank: int, kind: str, what: str, *data: Any):
-        if kind != 'progress' or rank != 0: return
-        getattr(self, f'_{what}')(*data)
+    def __call__(self, rank: int, event=None, *_):
+        "An `on_event` handler: draws rank 0's progress events, ignores everything else."
+        if rank != 0: return
+        match event:
+            case FitStarted(n_epoch, names): self._fit(n_epoch, names)
+            case EpochStarted(epoch): self._epoch(epoch)
+            case BarStarted(total): self._bar(total)
+            case BatchDone(done, loss): self._batch(done, loss)
+            case RowLogged(cells, losses, val_loss): self._row(cells, losses, val_loss)
+            case FitEnded(): self._end()
 
     def restarting(self, message: str, epoch: int):
         "Say why the run restarts; its new attempt resumes at `epoch` in this same table, without the rows it skips."

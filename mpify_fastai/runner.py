@@ -16,8 +16,9 @@ from ._private import ddp_ignore_parameters, train_metrics, valid_metrics
 from .group import local_device, rank_world
 from .metrics import reduce_metrics
 from .sharding import share_loader_workers, shard_dl, unshard_dl
+from .state import opt_state_to
 
-__all__ = ['DistributedRunner', 'ModuleDDP', 'opt_state_to']
+__all__ = ['DistributedRunner', 'ModuleDDP']
 
 def _comm_device() -> torch.device:
     return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
@@ -92,10 +93,3 @@ class DistributedRunner(Callback):
         self.training_fit = False
         for dl, saved in getattr(self, 'saved', []): unshard_dl(dl, saved)
         self.saved = []
-
-def opt_state_to(opt, device: torch.device | None = None) -> None:
-    """Move a fastai Optimizer's per-parameter state to `device`, by default each parameter's own (state saved on
-    another device would not step)."""
-    for p, state in opt.state.items():
-        for k, v in state.items():
-            if isinstance(v, torch.Tensor): state[k] = v.to(p.device if device is None else device)

@@ -25,7 +25,7 @@ SHARE_MIN_BYTES = 64 * 1024   # smaller buffers are cheaper in the pickle stream
 _ALIGN = 64                   # a region starts at a multiple of this in its storage, so every view's offset divides
 _MAIN_NAMES = ('__main__', '__mp_main__')   # a worker re-importing a script runs it as __mp_main__
 _ATOMS = frozenset([int, float, complex, str, bytes, bool, type(None)])
-_HEADER = 'mpify payload 1'   # first item of a payload's header pickle (no 'fastai' in it: launch looks for that word)
+_HEADER = 'mpify payload 1'   # first item of a payload's header pickle
 _GLOBAL_OPS = frozenset(['LOAD_GLOBAL', 'STORE_GLOBAL', 'DELETE_GLOBAL', 'LOAD_NAME', 'LOAD_FROM_DICT_OR_GLOBALS'])
 _FUNCTION_ATTRS = ('__defaults__', '__kwdefaults__', '__qualname__', '__module__', '__doc__', '__annotations__')
 
@@ -41,7 +41,7 @@ def _importable(obj) -> bool:
 
 class _Call:
     """Unpickles as `fn(*args)`, given `state` as pickle gives it: a stand-in for what the receiver has (its `__main__`
-    dict) or makes. Built from the standard library, so that a payload names this package only where it has tensors."""
+    dict) or makes, built from the standard library."""
     def __init__(self, fn: Callable, *args, state=None): self.fn,self.args,self.state = fn,args,state
     def __reduce__(self): return (self.fn, self.args, self.state)
     def __call__(self, *args, **kwargs): return self.fn(*self.args)(*args, **kwargs)   # pickle checks reducers are callable
@@ -196,7 +196,7 @@ class _Pickler(pickle.Pickler):
         self.oob = _OutOfBand(mode, segment)
         super().__init__(file, protocol=5, buffer_callback=self.oob)
         self.mode,self.segment,self.by_name = mode,segment,classes_by_name
-        self.main_funcs,self.main_classes,self.slots,self.how,self.layouts = [],{},{},{},{}
+        self.main_funcs,self.main_classes,self.slots,self.how,self.layouts,self.packages = [],{},{},{},{},set()
         self.torch,self.main = sys.modules.get('torch'),_main_dict()
 
     def reducer_override(self, obj):
@@ -223,6 +223,7 @@ class _Pickler(pickle.Pickler):
         return None
 
     def _function(self, f):
+        self.packages.add(f.__module__.partition('.')[0] if isinstance(f.__module__, str) else '')
         if f.__globals__ is self.main: self.main_funcs.append(f)
         elif _importable(f): return NotImplemented
         g, mod = f.__globals__, sys.modules.get(f.__globals__.get('__name__'))
@@ -239,6 +240,7 @@ class _Pickler(pickle.Pickler):
         return (_METHOD, (m.__func__, m.__self__))
 
     def _class(self, cls: type):
+        self.packages.add(cls.__module__.partition('.')[0])
         if self.by_name and cls.__module__ in _MAIN_NAMES:
             try:
                 if _main_attr(cls.__qualname__) is cls: return (_main_attr, (cls.__qualname__,))   # keeps `isinstance` working
@@ -256,6 +258,7 @@ class _Pickler(pickle.Pickler):
 
     def _tensor(self, t):
         torch = self.torch
+        self.packages.add('torch')
         if self.mode == 'dry': return (_empty_tensor, ())
         if t.layout != torch.strided or t.is_nested or t.device.type == 'meta' or (t.requires_grad and not t.is_leaf):
             return NotImplemented
@@ -315,9 +318,14 @@ def referenced_globals(obj: Any, skip=()) -> dict:
     return out
 
 class Payload:
-    "Pickled bytes (a header, then one or more pickles sharing a memo) and the segment file holding its large buffers, if any."
-    def __init__(self, data: bytes, segment_path: str | None):
-        self.data,self.segment_path = data,segment_path
+    """Pickled bytes (a header, then one or more pickles sharing a memo), the segment file holding its large buffers, if
+    any, and the top-level packages whose classes, functions or tensors it holds (a receiver must import them)."""
+    def __init__(self, data: bytes, segment_path: str | None, packages: frozenset[str] = frozenset()):
+        self.data,self.segment_path,self.packages = data,segment_path,packages
+    @property
+    def needs_torch(self) -> bool:
+        "Whether loading it imports torch (tensors, or torch's or fastai's objects)."
+        return bool({'torch', 'fastai', 'torchvision'} & self.packages)
     @property
     def nbytes(self) -> int:
         "Bytes sent: the pickle plus the segment file."
@@ -349,7 +357,8 @@ def dumps(obj: Any, need: dict | None = None, ship_globals: bool = True, mode: s
         if seg is not None: seg.close(remove=True)
         raise
     path = seg.path if seg is not None and seg.f is not None else None
-    return Payload(b''.join([pickle.dumps((_HEADER, path, p.oob.at, regions), protocol=5), body.getbuffer()]), path)
+    return Payload(b''.join([pickle.dumps((_HEADER, path, p.oob.at, regions), protocol=5), body.getbuffer()]), path,
+                   frozenset(p.packages - {''}))
 
 def loads(data: bytes, install_globals: bool = True) -> Any:
     """Load a `dumps` payload (a plain pickle loads as such); the globals that came with it go into this process's

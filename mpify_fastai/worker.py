@@ -1,19 +1,64 @@
 """The worker's side of a launch: its entry point, its end of the pipe, and the forwarding of its output.
 
-A worker sends, over its own pipe, output lines ('out'), events ('event'), then one 'result' or one 'error'.
+A worker starts from a `WorkerSpec` and sends, over its own pipe, typed records: `Output` lines and `Event`s, then one
+`Result` or one `Failure`; the caller answers a result with `Ack`.
 It dies with its caller (parent-death signal plus a watchdog on the pipe), runs in its own process group so the
 caller's Ctrl-C reaches only the caller, and keeps a result's segment file until the caller acks it.
 """
 from __future__ import annotations
 import ctypes, errno, faulthandler, os, random, signal, sys, threading, traceback, warnings
+from dataclasses import dataclass
+from .errors import user_frames
 from .imports import run_imports
 from .serialize import dumps, loads
 
-__all__ = ['worker_main', 'run_in_context', 'send_event', 'stack_file', 'seed_global_rngs', 'MAIN_GUARD_EXIT', 'ACK',
-           'STACKS_SIGNAL']
+__all__ = ['WorkerSpec', 'Output', 'Event', 'Result', 'Failure', 'Ack', 'worker_main', 'run_in_context', 'send_event',
+           'stack_file', 'seed_global_rngs', 'MAIN_GUARD_EXIT', 'STACKS_SIGNAL']
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    "What every worker of a launch starts from, sent once by the caller."
+    env: list[dict]                 # each rank's added environment variables, by rank
+    payload: str                    # the file holding the pickled call (fn, args, kwargs)
+    scratch: str                    # the call's private folder (segment files, stack files)
+    spill: str                      # where results go if `scratch` fills up
+    gather: str | int | None        # whose results go home: 'all', a rank, or None
+    seed: int                       # the caller's draw, from which each rank seeds its global RNGs
+    imports: str = ''               # import statements run in the worker's __main__ first
+    parent_pid: int | None = None   # the caller, where the worker is its child (exit at once if it is gone)
+    base_env: dict | None = None    # the caller's environment, for a fork server started before it changed
+
+# ---------------------------------------------------------------- what crosses the pipe
+
+@dataclass(frozen=True)
+class Output:
+    "Complete lines a worker printed on `stream` ('stdout' or 'stderr')."
+    stream: str
+    text: str
+
+@dataclass(frozen=True)
+class Event:
+    "What a worker sent with `send_event`, for the caller's `on_event(rank, *data)`."
+    data: tuple
+
+@dataclass(frozen=True)
+class Result:
+    "The worker's return value as a `serialize.dumps` payload (None when its result is not gathered)."
+    payload: bytes | None
+
+@dataclass(frozen=True)
+class Failure:
+    "The worker raised: the exception's type name, message and traceback from the user's code down; pickled if it can be."
+    exc_type: str
+    message: str
+    traceback: str
+    pickled: bytes | None
+
+@dataclass(frozen=True)
+class Ack:
+    "The caller's reply once it has mapped a result's segment file: the worker may go."
 
 MAIN_GUARD_EXIT = 86     # exit code of a worker that found itself re-importing an unguarded script
-ACK = 'ack'              # the caller's reply once it has mapped a result's segment file
 _ACK_TIMEOUT = 60.0      # how long a worker keeps its result available for the caller to map
 
 def _die_with_parent(parent_pid: int | None):
@@ -28,17 +73,17 @@ class _Channel:
     def __init__(self, conn):
         self.conn,self.lock,self.acked = conn,threading.Lock(),threading.Event()
         threading.Thread(target=self._watch, daemon=True, name='mpify-watchdog').start()
-    def send(self, *msg):
+    def send(self, msg: Output | Event | Result | Failure):
         with self.lock: self.conn.send(msg)
     def _watch(self):
         try:
             while True:
-                if self.conn.recv() == ACK: self.acked.set()
+                if isinstance(self.conn.recv(), Ack): self.acked.set()
         except (EOFError, OSError):
             os.killpg(0, signal.SIGKILL) if os.getpgrp() == os.getpid() else os._exit(1)
 
 class _OutputForwarder:
-    "A text stream (the worker's stdout or stderr) that sends each complete line to the caller as ('out', stream, text)."
+    "A text stream (the worker's stdout or stderr) that sends its complete lines to the caller as `Output`."
     def __init__(self, chan: _Channel, name: str):
         self.chan,self.name,self.buf,self.lock = chan,name,'',threading.Lock()
     def write(self, s: str) -> int:
@@ -46,11 +91,11 @@ class _OutputForwarder:
             self.buf += s
             if '\n' in self.buf:
                 lines, self.buf = self.buf.rsplit('\n', 1)
-                self.chan.send('out', self.name, lines)
+                self.chan.send(Output(self.name, lines))
         return len(s)
     def flush(self):
         with self.lock:
-            if self.buf: self.chan.send('out', self.name, self.buf); self.buf = ''
+            if self.buf: self.chan.send(Output(self.name, self.buf)); self.buf = ''
     def isatty(self) -> bool: return False
     def writable(self) -> bool: return True
     @property
@@ -68,36 +113,43 @@ def _stacks_on_request(path: str) -> None:
     _stacks = open(path, 'w')
     faulthandler.register(STACKS_SIGNAL, file=_stacks, all_threads=True)
 
-def worker_main(rank: int, conn, spec: dict) -> None:
-    "Entry point of every worker process: set up, run the call from `spec['payload']`, send its result or error, exit."
+def worker_main(rank: int, conn, spec: WorkerSpec) -> None:
+    "Entry point of every worker process: set up, run the call from `spec.payload`, send its result or error, exit."
     global _channel
-    _die_with_parent(spec['parent_pid'])
+    _die_with_parent(spec.parent_pid)
     os.setpgrp()    # the caller's Ctrl-C / kernel interrupt reaches the caller only; it stops us itself
-    if spec.get('base_env') is not None:   # forkserver: the server's environ is from when it started, not the caller's now
-        os.environ.clear(); os.environ.update(spec['base_env'])
-    os.environ.update(spec['env'][rank])
+    if spec.base_env is not None:   # forkserver: the server's environ is from when it started, not the caller's now
+        os.environ.clear(); os.environ.update(spec.base_env)
+    os.environ.update(spec.env[rank])
     server = sys.modules.get('mpify_fastai._server_init')   # forked from the warm server: its imports were quiet
     if server is not None: warnings.resetwarnings(); warnings.filters.extend(server.worker_filters())
     chan = _channel = _Channel(conn)
     sys.stdout, sys.stderr = _OutputForwarder(chan, 'stdout'), _OutputForwarder(chan, 'stderr')
-    _stacks_on_request(stack_file(spec['scratch'], rank))
+    _stacks_on_request(stack_file(spec.scratch, rank))
     try:
-        run_imports(spec['imports'], sys.modules['__main__'].__dict__)
-        with open(spec['payload'], 'rb') as f: fn, args, kwargs = loads(f.read())
-        _seed_rngs(spec['seed'], rank)
+        run_imports(spec.imports, sys.modules['__main__'].__dict__)
+        with open(spec.payload, 'rb') as f: fn, args, kwargs = loads(f.read())
+        _seed_rngs(spec.seed, rank)
         res = fn(*args, **kwargs)
         sys.stdout.flush(); sys.stderr.flush()
-        if spec['gather'] in ('all', rank):
-            out = _result_payload(res, spec, rank)
-            chan.send('result', out.data)
+        if spec.gather in ('all', rank):
+            chan.send(Result(_result_payload(res, spec, rank).data))
             chan.acked.wait(_ACK_TIMEOUT)    # the caller maps our segment file before we go
-        else: chan.send('result', None)
+        else: chan.send(Result(None))
     except BaseException as e:
         try: sys.stdout.flush(); sys.stderr.flush()
         except Exception: pass
-        chan.send('error', type(e).__qualname__, str(e), traceback.format_exc(), _pickled_exception(e))
+        chan.send(Failure(type(e).__qualname__, str(e), _user_traceback(e), _pickled_exception(e)))
         os._exit(1)   # what was sent stays readable in the pipe after we exit
     os._exit(0)       # done: threads the function left running must not keep the caller waiting
+
+def _user_traceback(e: BaseException) -> str:
+    "`e`'s traceback as `traceback.format_exc` gives it, each exception's frames from the user's code down."
+    te = t = traceback.TracebackException.from_exception(e)
+    while t is not None:
+        t.stack = traceback.StackSummary.from_list(user_frames(t.stack))
+        t = t.__cause__ or (None if t.__suppress_context__ else t.__context__)
+    return ''.join(te.format())
 
 def seed_global_rngs(seed: int) -> None:
     "Seed Python's global RNG, and numpy's and torch's where loaded, with `seed` (torch's CUDA generators lazily: no CUDA init)."
@@ -110,17 +162,17 @@ def _seed_rngs(seed: int, rank: int) -> None:
     forked from the warm server would start from the server's state."""
     seed_global_rngs(random.Random(f'{seed}-{rank}').getrandbits(63))
 
-def _result_payload(res, spec: dict, rank: int):
+def _result_payload(res, spec: WorkerSpec, rank: int):
     "`res` serialized for the caller; its big buffers in the call's scratch folder, or on disk if that is full."
-    seg = os.path.join(spec['scratch'], f'result-{rank}')
+    seg = os.path.join(spec.scratch, f'result-{rank}')
     try: return dumps(res, ship_globals=False, segment_path=seg)
     except OSError as e:
         if e.errno != errno.ENOSPC: raise
         if os.path.exists(seg): os.remove(seg)
-        os.makedirs(spec['spill'], exist_ok=True)
-        print(f"mpify_fastai: {spec['scratch']} is full; rank {rank}'s result goes through {spec['spill']} on disk",
+        os.makedirs(spec.spill, exist_ok=True)
+        print(f"mpify_fastai: {spec.scratch} is full; rank {rank}'s result goes through {spec.spill} on disk",
               file=sys.stderr, flush=True)
-        return dumps(res, ship_globals=False, segment_path=os.path.join(spec['spill'], f'result-{rank}'))
+        return dumps(res, ship_globals=False, segment_path=os.path.join(spec.spill, f'result-{rank}'))
 
 def run_in_context(ctx, fn, *args, **kwargs):
     "Run `fn(*args, **kwargs)` inside `ctx`: a context manager, or a zero-argument callable returning one."
@@ -142,4 +194,4 @@ def send_event(*data) -> None:
     "From inside a worker: send `data` to the caller's `on_event` handler (progress, metrics...)."
     chan = _channel
     if chan is None: raise RuntimeError("send_event works only inside a worker started by ranch/in_torchddp")
-    chan.send('event', *data)
+    chan.send(Event(data))

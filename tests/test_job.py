@@ -196,7 +196,7 @@ def _evil_job(path: Path, marker: Path, mode: int):
     "A file with a valid job header whose payload, once unpickled, creates `marker`."
     class Evil:
         def __reduce__(self): return (os.mkdir, (str(marker),))
-    path.write_bytes(pickle.dumps({'version': 1, 'imports': ''}) + pickle.dumps(Evil()))
+    path.write_bytes(pickle.dumps({'version': 2, 'imports': ''}) + pickle.dumps(Evil()))
     os.chmod(path, mode)
 
 @pytest.mark.parametrize('mode', [0o620, 0o602, 0o666], ids=oct)
@@ -218,7 +218,7 @@ def test_load_gives_clear_errors_for_what_is_not_a_job(tmp_path):
     (tmp_path / 'folder').mkdir()
     for name in ('list.pkl', 'old.pkl'): os.chmod(tmp_path / name, 0o600)
     for name, msg in [('missing.pkl', 'does not exist'), ('list.pkl', 'is not an mpify_fastai job file'),
-                      ('old.pkl', 'is not an mpify_fastai job file of version 1'), ('folder', 'is not a regular file')]:
+                      ('old.pkl', 'is not an mpify_fastai job file of version 2'), ('folder', 'is not a regular file')]:
         with pytest.raises(JobFileError, match=msg): load_ddp_job(tmp_path / name)
 
 def _tiny_learner():
@@ -240,7 +240,7 @@ def _tiny_learner():
 @pytest.mark.parametrize('method', ['fit', 'fit_one_cycle', 'fit_flat_cos', 'fit_sgdr'])
 def test_resumable_schedules_skip_the_checkpointed_epochs(method):
     "What a restarted group calls: every schedule listed as resumable trains only the epochs after the checkpoint."
-    from mpify_fastai.training import RESUMABLE, resume_kwargs
+    from mpify_fastai.recovery import RESUMABLE, resume_kwargs
     assert method in RESUMABLE
     args = {'fit_sgdr': (2, 1)}.get(method, (3,))   # 3 epochs each (sgdr: 1 + 2)
     learn = _tiny_learner()
@@ -330,13 +330,13 @@ def test_job_from_script_main_runs_elsewhere(tmp_path):
 def test_checkpoint_of_another_job_is_not_resumed(tmp_path):
     "A checkpoint left by an earlier, different job under the same --result is ignored, not loaded into this job."
     import torch
-    from mpify_fastai.job import resumable_checkpoint
+    from mpify_fastai.recovery import resumable_checkpoint
     ck = tmp_path / 'result.pth.ckpt'
     torch.save({'completed_epoch': 1, 'job_digest': 'a' * 64}, ck)
-    assert resumable_checkpoint(ck, {'method': 'fit', 'digest': 'b' * 64}) is None
-    assert resumable_checkpoint(ck, {'method': 'fit', 'digest': 'a' * 64})['completed_epoch'] == 1
-    assert resumable_checkpoint(ck, {'method': 'fine_tune', 'digest': 'a' * 64}) is None   # cannot skip epochs: starts over
-    assert resumable_checkpoint(tmp_path / 'none.ckpt', {'method': 'fit', 'digest': 'a' * 64}) is None
+    assert resumable_checkpoint(ck, 'fit', 'b' * 64) is None
+    assert resumable_checkpoint(ck, 'fit', 'a' * 64)['completed_epoch'] == 1
+    assert resumable_checkpoint(ck, 'fine_tune', 'a' * 64) is None   # cannot skip epochs: starts over
+    assert resumable_checkpoint(tmp_path / 'none.ckpt', 'fit', 'a' * 64) is None
 
 def test_cli_refuses_missing_result_folder_at_once(tmp_path):
     "A --result in a folder that does not exist is refused before any training (and before torch is imported)."

@@ -25,9 +25,10 @@ from fastai_helpers import digits_dls_plain, mlp, params_of, sgd_learner
 from mpify_fastai.metrics import combine_metric_shares, metric_shares
 from mpify_fastai.sharding import share_loader_workers, shard_dl, unshard_dl
 from mpify_fastai.errors import LaunchError
-from mpify_fastai.progress import ProgressDisplay
-from mpify_fastai.training import (EpochCheckpoint, apply_result, is_rank0_only, learner_result, merged_history,
-                                   worker_learner)
+from mpify_fastai.progress import BarStarted, BatchDone, EpochStarted, FitEnded, FitStarted, ProgressDisplay, RowLogged
+from mpify_fastai.recovery import EpochCheckpoint, merged_history
+from mpify_fastai.state import apply_result, learner_result
+from mpify_fastai.training import is_rank0_only, worker_learner
 
 # ---------------------------------------------------------------- shard_dl / unshard_dl
 
@@ -224,24 +225,24 @@ NAMES = ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'time']
 
 ROWS = [['0', '2.345678', '2.111111', '0.312500', '00:01'], ['1', '1.987654', '1.876543', '0.593750', '00:01']]
 
-def _feed(d, rank=0, kind='progress'):
+def _feed(d, rank=0, wrap=lambda e: e):
     "The events rank 0's ProgressEvents sends for a 2-epoch fit of 3 training and 2 validation batches."
-    d(rank, kind, 'fit', 2, NAMES)
+    d(rank, wrap(FitStarted(2, NAMES)))
     for epoch, row, val_loss in zip((0, 1), ROWS, (2.111111, 1.876543)):
-        d(rank, kind, 'epoch', epoch)
-        d(rank, kind, 'bar', 3)
-        for i in (1, 2, 3): d(rank, kind, 'batch', i, 2.5 - epoch / 2 - i / 10)
-        d(rank, kind, 'bar', 2)
-        d(rank, kind, 'batch', 2, None)
-        d(rank, kind, 'row', row, [2.4 - epoch / 2, 2.3 - epoch / 2, 2.2 - epoch / 2], val_loss)
+        d(rank, wrap(EpochStarted(epoch)))
+        d(rank, wrap(BarStarted(3)))
+        for i in (1, 2, 3): d(rank, wrap(BatchDone(i, 2.5 - epoch / 2 - i / 10)))
+        d(rank, wrap(BarStarted(2)))
+        d(rank, wrap(BatchDone(2, None)))
+        d(rank, wrap(RowLogged(row, [2.4 - epoch / 2, 2.3 - epoch / 2, 2.2 - epoch / 2], val_loss)))
 
 def test_progress_display_draws_rank0_events(capsys):
     "Rank 0's events draw the metrics header and each epoch's row (console output outside Jupyter)."
     d = ProgressDisplay(graph=True)
     _feed(d)
-    d(1, 'progress', 'row', ['9', 'FROM_RANK1'], [0.1], 0.1)
-    d(0, 'warning', 'row', ['9', 'OTHER_KIND'], [0.1], 0.1)
-    d(0, 'progress', 'end')
+    d(1, RowLogged(['9', 'FROM_RANK1'], [0.1], 0.1))
+    d(0, ('row', ['9', 'OTHER_KIND']))
+    d(0, FitEnded())
     out = capsys.readouterr().out
     assert 'FROM_RANK1' not in out and 'OTHER_KIND' not in out
     header = next(l for l in out.splitlines() if 'train_loss' in l)
@@ -253,12 +254,12 @@ def test_progress_display_draws_rank0_events(capsys):
     d.close()   # after 'end': nothing left to close, nothing drawn, no error
     assert capsys.readouterr().out == '' and d.mbar is None
 
-@pytest.mark.parametrize('rank,kind', [(1, 'progress'), (0, 'other')])
-def test_progress_display_ignores_other_ranks_and_kinds(capsys, rank, kind):
-    "Events from rank 1, or of another kind, draw nothing and change nothing."
+@pytest.mark.parametrize('rank,wrap', [(1, lambda e: e), (0, lambda e: ('progress', e))])
+def test_progress_display_ignores_other_ranks_and_kinds(capsys, rank, wrap):
+    "Events from rank 1, or of another kind than a progress record, draw nothing and change nothing."
     d = ProgressDisplay(graph=True)
-    _feed(d, rank, kind)
-    d(rank, kind, 'end')
+    _feed(d, rank, wrap)
+    d(rank, wrap(FitEnded()))
     d.close()
     assert capsys.readouterr().out == ''
     assert d.mbar is None and d.losses == [] and d.n_epoch == 0
