@@ -23,6 +23,7 @@ def __getattr__(name):
     "fastai parts load on first use, so `ranch`/`in_torchddp` users don't pay for importing fastai."
     if name in _FASTAI:
         import importlib
+        importlib.import_module(f'{__name__}.learner')   # first: the fastai layer's import order, Learner methods added
         return getattr(importlib.import_module(f'{__name__}.{_FASTAI[name]}'), name)
     raise AttributeError(f"module 'mpify_fastai' has no attribute {name!r}")
 

@@ -2,11 +2,11 @@
 signature; `learn.ddp(n)` has real methods; every argument is checked before a process starts; errors show the user's
 line, not the library's frames; `ranch` passes events on; a payload says what it needs. Real processes and kernels."""
 from __future__ import annotations
-import inspect, os, time, traceback
+import inspect, os, time
 import pytest
 from fastai.callback.core import Callback
 from fastai.learner import Learner
-import fastai.callback.schedule  # noqa: F401  (fit_one_cycle, fine_tune)
+import fastai.callback.schedule  # noqa: F401  (fit_one_cycle, fine_tune on Learner)
 import mpify_fastai
 from mpify_fastai import PayloadError, WorkerError, in_torchddp, ranch
 from mpify_fastai.serialize import dumps

@@ -443,6 +443,14 @@ def test_import_fastai_then_mpify_adds_methods():
     "fastai first, then mpify_fastai: the Learner methods appear at once and no hook is installed."
     assert _python("import sys\nfrom fastai.vision.all import *\nimport mpify_fastai\n" + _CHECK_METHODS) == _METHODS_ADDED
 
+@pytest.mark.parametrize('name', ['DDPJob', 'apply_result', 'DistributedRunner'])
+def test_fastai_layer_name_first_adds_methods(name):
+    "A fastai-layer name read from mpify_fastai before fastai is imported loads it in order: the Learner methods appear."
+    r = subprocess.run([sys.executable, '-c', f"import sys, mpify_fastai\nmpify_fastai.{name}\n" + _CHECK_METHODS],
+                       env=helpers.subprocess_env(MPIFY_PREWARM=0), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and 'could not add' not in r.stderr, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == _METHODS_ADDED
+
 # ---------------------------------------------------------------- shards of any DataLoader kind; the DDP wrapper
 
 def _sorted_dl(n=40):
