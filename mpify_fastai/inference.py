@@ -5,6 +5,7 @@ A rank's shard is its share of the DataLoader's own (unshuffled) batches, unpadd
 every batch is one a local call forms; nothing the worker's Learner detaches is gathered across ranks. `validate` combines the metric accumulators across ranks, as a fit does.
 """
 from __future__ import annotations
+from dataclasses import dataclass
 from typing import Any
 import torch
 from fastai.callback.core import Callback
@@ -15,9 +16,15 @@ from .metrics import reduce_metrics
 from .sharding import shard_dl, share_loader_workers
 from .training import DRAWN_BY_CALLER, DDPJob, worker_learner
 
-__all__ = ['INFERENCE', 'rank_shard', 'infer_in_worker', 'merge_shards']
+__all__ = ['INFERENCE', 'Shard', 'rank_shard', 'infer_in_worker', 'merge_shards']
 
 INFERENCE = ('get_preds', 'tta', 'validate')
+
+@dataclass(frozen=True)
+class Shard:
+    "A rank's predictions: `result` as `get_preds`/`tta` return it for its items, and `keys` that sort them into place."
+    keys: list[int]
+    result: Any
 
 def rank_shard(dl, rank: int, world: int) -> tuple:
     """Rank `rank`'s share of `dl` as a new DataLoader, as training shards validation: whole batches of the local order
@@ -35,9 +42,9 @@ class _CombinedMetrics(Callback):
     order = 11
     def after_validate(self): reduce_metrics(valid_metrics(self.recorder))
 
-def infer_in_worker(job: DDPJob) -> tuple[list[int], Any] | None:
+def infer_in_worker(job: DDPJob) -> Shard | Any:
     """Worker side of `learn.ddp(n).get_preds/tta/validate(...)`: run `job.method` (its arguments by name in `job.kwargs`)
-    on this rank's shard. `get_preds`/`tta` return (keys, result): sorting every rank's keys together puts the items where
+    on this rank's shard. `get_preds`/`tta` return a `Shard`: sorting every rank's keys together puts the items where
     a local call puts them (dataset order, or the DataLoader's own with `reorder=False`). `validate` returns rank 0's
     whole-set values."""
     rank, world = rank_world()
@@ -54,10 +61,10 @@ def infer_in_worker(job: DDPJob) -> tuple[list[int], Any] | None:
     if method == 'validate':
         with learn.added_cbs(_CombinedMetrics()): res = learn.validate(dl=shard)
         return res if rank == 0 else None
-    if not idxs: return [], None
-    if method == 'tta': return sorted(idxs), learn.tta(dl=shard, **kwargs)   # tta's own get_preds sorts by index
+    if not idxs: return Shard([], None)
+    if method == 'tta': return Shard(sorted(idxs), learn.tta(dl=shard, **kwargs))   # tta's own get_preds sorts by index
     keys = idxs if kwargs.get('reorder', True) else positions
-    return keys, learn.get_preds(dl=shard, **{**kwargs, 'reorder': False})
+    return Shard(keys, learn.get_preds(dl=shard, **{**kwargs, 'reorder': False}))
 
 def _cat(parts: list, order: torch.Tensor):
     "One result element from every rank's: tensors concatenated and put in `order`, tuples and lists element-wise."
@@ -67,7 +74,7 @@ def _cat(parts: list, order: torch.Tensor):
     if isinstance(first, (tuple, list)): return type(first)(_cat([p[i] for p in parts], order) for i in range(len(first)))
     raise TypeError(f"cannot put together per-rank results of type {type(first).__name__}")
 
-def merge_shards(shards: list[tuple[list[int], Any]]):
-    "Every rank's (keys, result) from `infer_in_worker` as one result, its items sorted by key across ranks."
-    shards = [(keys, res) for keys, res in shards if keys]
-    return _cat([res for _, res in shards], torch.tensor([k for keys, _ in shards for k in keys]).argsort())
+def merge_shards(shards: list[Shard]):
+    "Every rank's `Shard` as one result, its items sorted by key across ranks."
+    shards = [s for s in shards if s.keys]
+    return _cat([s.result for s in shards], torch.tensor([k for s in shards for k in s.keys]).argsort())

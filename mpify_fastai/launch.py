@@ -20,7 +20,7 @@ from .imports import parse_imports
 from .procfs import process_group_members
 from .serialize import Payload, check_call, dumps, loads
 from .warm import mark_ready, prewarm, warm_context, warm_ready
-from .worker import (MAIN_GUARD_EXIT, STACKS_SIGNAL, Ack, Event, Failure, Output, Result, WorkerSpec, run_in_context,
+from .worker import (MAIN_GUARD_EXIT, STACKS_SIGNAL, Ack, Call, Event, Failure, Output, Result, WorkerSpec, run_in_context,
                      stack_file, worker_main)
 
 __all__ = ['ranch', 'launch', 'OptionRecord', 'LaunchOptions', 'with_options', 'check_nprocs', 'check_fn', 'check_caller_rank',
@@ -220,8 +220,8 @@ def _default_output(mode: str) -> Callable:
               flush=True)
     return show
 
-def _ship(call: tuple, need: dict, arg_names: dict | None) -> tuple[str, Payload]:
-    """`call` (fn, args, kwargs) serialized once for every worker into a new scratch folder (on disk where /dev/shm is
+def _ship(call: Call, need: dict, arg_names: dict | None) -> tuple[str, Payload]:
+    """`call` serialized once for every worker into a new scratch folder (on disk where /dev/shm is
     full); a `PayloadError` naming what cannot be sent. Returns the folder and the payload."""
     scratch = _make_scratch()
     try:
@@ -236,7 +236,7 @@ def _ship(call: tuple, need: dict, arg_names: dict | None) -> tuple[str, Payload
     except BaseException as e:
         shutil.rmtree(scratch, ignore_errors=True)
         if isinstance(e, (OSError, KeyboardInterrupt)): raise
-        check_call(*call, need, arg_names)
+        check_call(call.fn, call.args, call.kwargs, need, arg_names)
         raise PayloadError(f"cannot send the call to the workers: {type(e).__name__}: {e}") from None
 
 def launch(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = None,
@@ -258,7 +258,7 @@ def launch(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = No
             if plan is not None: env = group.enter_context(plan(nprocs))
             fn, args = run_in_context, (ctx, fn) + tuple(args)
         kwargs, need = kwargs or {}, options.need_globals
-        scratch, payload = _ship((fn, tuple(args), kwargs), need, arg_names)
+        scratch, payload = _ship(Call(fn, tuple(args), kwargs), need, arg_names)
         spill = os.path.join(tempfile.gettempdir(), os.path.basename(scratch) + '-spill')   # results, if scratch fills up
         procs, conns = [], []
         try:
@@ -274,7 +274,8 @@ def launch(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = No
                               base_env=dict(os.environ) if forkserver else None)
             for r in range(nprocs):
                 parent_end, child_end = ctx.Pipe(duplex=True)
-                p = ctx.Process(target=worker_main, args=(r, child_end, spec), name=f'mpify-rank{r}', daemon=False)
+                p = ctx.Process(target=worker_main, kwargs=dict(rank=r, conn=child_end, spec=spec), name=f'mpify-rank{r}',
+                                daemon=False)
                 p.start()
                 child_end.close()
                 procs.append(p); conns.append(parent_end)

@@ -8,18 +8,26 @@ caller's Ctrl-C reaches only the caller, and keeps a result's segment file until
 from __future__ import annotations
 import ctypes, errno, faulthandler, os, random, signal, sys, threading, traceback, warnings
 from dataclasses import dataclass
+from typing import Callable
 from .errors import user_frames
 from .imports import run_imports
 from .serialize import dumps, loads
 
-__all__ = ['WorkerSpec', 'Output', 'Event', 'Result', 'Failure', 'Ack', 'worker_main', 'run_in_context', 'send_event',
+__all__ = ['Call', 'WorkerSpec', 'Output', 'Event', 'Result', 'Failure', 'Ack', 'worker_main', 'run_in_context', 'send_event',
            'stack_file', 'seed_global_rngs', 'MAIN_GUARD_EXIT', 'STACKS_SIGNAL']
+
+@dataclass(frozen=True)
+class Call:
+    "The function every worker runs, with its arguments: what a launch ships once, in its payload."
+    fn: Callable
+    args: tuple
+    kwargs: dict
 
 @dataclass(frozen=True)
 class WorkerSpec:
     "What every worker of a launch starts from, sent once by the caller."
     env: list[dict]                 # each rank's added environment variables, by rank
-    payload: str                    # the file holding the pickled call (fn, args, kwargs)
+    payload: str                    # the file holding the pickled `Call`
     scratch: str                    # the call's private folder (segment files, stack files)
     spill: str                      # where results go if `scratch` fills up
     gather: str | int | None        # whose results go home: 'all', a rank, or None
@@ -128,9 +136,9 @@ def worker_main(rank: int, conn, spec: WorkerSpec) -> None:
     _stacks_on_request(stack_file(spec.scratch, rank))
     try:
         run_imports(spec.imports, sys.modules['__main__'].__dict__)
-        with open(spec.payload, 'rb') as f: fn, args, kwargs = loads(f.read())
+        with open(spec.payload, 'rb') as f: call = loads(f.read())
         _seed_rngs(spec.seed, rank)
-        res = fn(*args, **kwargs)
+        res = call.fn(*call.args, **call.kwargs)
         sys.stdout.flush(); sys.stderr.flush()
         if spec.gather in ('all', rank):
             chan.send(Result(_result_payload(res, spec, rank).data))
