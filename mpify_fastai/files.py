@@ -1,12 +1,13 @@
 """Files of a launch: written whole or not at all (a reader, or a restarted job, never finds half a checkpoint, result
-or job), and private folders named after their process, swept once that process is gone (even SIGKILLed)."""
+or job); files with no name at all, freed with the last process that holds them (a call's data in /dev/shm); and private
+folders named after their process, swept once that process is gone (even SIGKILLed)."""
 from __future__ import annotations
 import os, shutil, tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 from .procfs import pid_alive
 
-__all__ = ['atomic_write', 'owned_tempdir', 'sweep_dead_dirs']
+__all__ = ['atomic_write', 'owned_tempdir', 'sweep_dead_dirs', 'shm_root', 'AnonymousFile']
 
 _PREFIX = 'mpify-'
 
@@ -24,6 +25,34 @@ def owned_tempdir(kind: str, root: str | None = None) -> str:
     root = root or tempfile.gettempdir()
     sweep_dead_dirs(root)
     return tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-{kind}-", dir=root)
+
+def shm_root() -> str:
+    "Where a call's data goes: the shared-memory tmpfs where there is one, else the temp folder."
+    return '/dev/shm' if os.path.isdir('/dev/shm') and os.access('/dev/shm', os.W_OK) else tempfile.gettempdir()
+
+class AnonymousFile:
+    """A file with no name in `folder` (`O_TMPFILE`; else created and unlinked at once): its bytes live while this
+    object or a process that opened `path` holds it, and are freed when the last one goes, however it dies. Other
+    processes open it through `path`, this process's `/proc/<pid>/fd/<n>`."""
+    def __init__(self, folder: str):
+        try: self.fd = os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o600)
+        except (AttributeError, OSError):
+            self.fd, name = tempfile.mkstemp(prefix=f'{_PREFIX}{os.getpid()}-anon-', dir=folder)
+            os.unlink(name)
+        self.path = f'/proc/{os.getpid()}/fd/{self.fd}'
+    def write(self, data, offset: int | None = None) -> None:
+        "Write all of `data` (bytes or a buffer) at `offset`, or at the end."
+        view, at = memoryview(data).cast('B'), os.fstat(self.fd).st_size if offset is None else offset
+        while view:
+            n = os.pwrite(self.fd, view, at)
+            view, at = view[n:], at + n
+    def read(self) -> bytes:
+        "Everything in the file, whatever another process wrote into it."
+        return os.pread(self.fd, os.fstat(self.fd).st_size, 0)
+    def close(self) -> None:
+        "Let go of the file: its bytes are freed once no other process holds it either."
+        if self.fd >= 0: os.close(self.fd); self.fd = -1
+    __del__ = close
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], mode: int = 0o600) -> Path:
     "Call `write(f)` on a private temp file beside `path`, then rename it over `path` (readable and writable by the owner only)."

@@ -1,12 +1,13 @@
 """The caller's side of a launch: `ranch` runs a notebook function on N fresh processes and gathers results.
 
-Arguments are checked, then the call is serialized once into a scratch folder that every worker reads (the
+Arguments are checked, then the call is serialized once into files with no name (in /dev/shm) that every worker reads
+and that vanish with the last process holding them, however the caller dies (the
 worker's side is `worker.py`). The caller waits on pipes and process sentinels together, so a dead worker is noticed at once, and
 stops every worker on the first failure, timeout or interrupt. Workers die with the caller (parent-death
 signal plus a pipe watchdog), so a restarted kernel never finds yesterday's workers still running.
 """
 from __future__ import annotations
-import errno, inspect, os, random, shutil, signal, sys, tempfile, time
+import errno, inspect, os, random, signal, sys, tempfile, time
 from contextlib import ExitStack
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
@@ -15,13 +16,13 @@ from multiprocess.connection import wait
 from ._private import in_spawn_bootstrap, skip_missing_main_path
 from .errors import (ArgumentError, ArgumentTypeError, LaunchTimeout, MainGuardError, NeedError, PayloadError, WorkerDied,
                      WorkerError, surfaces_errors)
-from .files import owned_tempdir
+from .files import AnonymousFile, shm_root
 from .imports import parse_imports
 from .procfs import process_group_members
 from .serialize import Payload, check_call, dumps, loads
 from .warm import mark_ready, prewarm, warm_context, warm_ready
 from .worker import (MAIN_GUARD_EXIT, STACKS_SIGNAL, Ack, Call, Event, Failure, Output, Result, WorkerSpec, run_in_context,
-                     stack_file, worker_main)
+                     worker_main)
 
 __all__ = ['ranch', 'launch', 'OptionRecord', 'LaunchOptions', 'with_options', 'check_nprocs', 'check_fn', 'check_caller_rank',
            'gather_mode', 'context_manager', 'START_METHODS', 'OUTPUT_MODES']
@@ -130,14 +131,6 @@ def _caller_seed() -> int:
     torch = sys.modules.get('torch')
     return int(torch.randint(0, 2**62, ())) if torch is not None else random.getrandbits(62)
 
-# ---------------------------------------------------------------- scratch folder for shared tensors
-
-def _scratch_root() -> str:
-    return '/dev/shm' if os.path.isdir('/dev/shm') and os.access('/dev/shm', os.W_OK) else tempfile.gettempdir()
-
-def _make_scratch() -> str:
-    return owned_tempdir('call', _scratch_root())
-
 # ---------------------------------------------------------------- starting, supervising and stopping workers
 
 def _context(start_method: str, light: bool):
@@ -147,22 +140,18 @@ def _context(start_method: str, light: bool):
     if light and not warm_ready() and prewarm() is not None: return mp.get_context('spawn')
     return warm_context()
 
-def _report_stacks(e: BaseException, procs: list, scratch: str, wait: float = 2.0):
+def _report_stacks(e: BaseException, procs: list, stacks: list[AnonymousFile], wait: float = 2.0):
     """Where every live rank was when a launch timed out or was interrupted: their Python stacks, in the timeout's
     message (`e.stacks` too), or printed on an interrupt, so a rank stuck in a collective or a DataLoader shows."""
     live = {r: p for r, p in enumerate(procs) if p.exitcode is None}
     for p in live.values():
         try: os.kill(p.pid, STACKS_SIGNAL)
         except ProcessLookupError: pass
-    files = {r: stack_file(scratch, r) for r in live}
+    files = {r: stacks[r] for r in live}
     deadline = time.monotonic() + wait
-    while time.monotonic() < deadline and not all(os.path.exists(f) and os.path.getsize(f) for f in files.values()):
-        time.sleep(0.05)
+    while time.monotonic() < deadline and not all(f.read() for f in files.values()): time.sleep(0.05)
     time.sleep(0.1)   # let the last lines land
-    def read(f):
-        try:
-            with open(f) as fh: return fh.read().strip() or '(no stack: the rank did not answer)'
-        except OSError: return '(no stack: the rank did not answer)'
+    def read(f): return f.read().decode(errors='replace').strip() or '(no stack: the rank did not answer)'
     e.stacks = '\n\n'.join(f"--- where rank {r} was ---\n{read(f)}" for r, f in files.items())
     if not e.stacks: return
     if isinstance(e, LaunchTimeout): e.args = (f"{e.args[0]}\n\n{e.stacks}",)
@@ -220,22 +209,19 @@ def _default_output(mode: str) -> Callable:
               flush=True)
     return show
 
-def _ship(call: Call, need: dict, arg_names: dict | None) -> tuple[str, Payload]:
-    """`call` serialized once for every worker into a new scratch folder (on disk where /dev/shm is
-    full); a `PayloadError` naming what cannot be sent. Returns the folder and the payload."""
-    scratch = _make_scratch()
+def _ship(call: Call, need: dict, arg_names: dict | None) -> Payload:
+    """`call` serialized once for every worker, its large buffers in a file with no name in /dev/shm (in the temp
+    folder where /dev/shm is full); a `PayloadError` naming what cannot be sent."""
     try:
-        try: return scratch, dumps(call, need=need, segment_path=os.path.join(scratch, 'payload'))
+        try: return dumps(call, need=need, segment_dir=shm_root())
         except OSError as e:
             if e.errno != errno.ENOSPC: raise
-        shutil.rmtree(scratch, ignore_errors=True)
-        scratch = owned_tempdir('call')
-        print(f"mpify_fastai: {_scratch_root()} has no room for this call's data; it goes through {scratch} on disk "
+        disk = tempfile.gettempdir()
+        print(f"mpify_fastai: {shm_root()} has no room for this call's data; it goes through {disk} on disk "
               "(slower to start). Docker: --shm-size=8g gives it room", file=sys.stderr, flush=True)
-        return scratch, dumps(call, need=need, segment_path=os.path.join(scratch, 'payload'))
-    except BaseException as e:
-        shutil.rmtree(scratch, ignore_errors=True)
-        if isinstance(e, (OSError, KeyboardInterrupt)): raise
+        return dumps(call, need=need, segment_dir=disk)
+    except (OSError, KeyboardInterrupt): raise
+    except Exception as e:
         check_call(call.fn, call.args, call.kwargs, need, arg_names)
         raise PayloadError(f"cannot send the call to the workers: {type(e).__name__}: {e}") from None
 
@@ -258,18 +244,19 @@ def launch(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = No
             if plan is not None: env = group.enter_context(plan(nprocs))
             fn, args = run_in_context, (ctx, fn) + tuple(args)
         kwargs, need = kwargs or {}, options.need_globals
-        scratch, payload = _ship(Call(fn, tuple(args), kwargs), need, arg_names)
-        spill = os.path.join(tempfile.gettempdir(), os.path.basename(scratch) + '-spill')   # results, if scratch fills up
-        procs, conns = [], []
+        payload = _ship(Call(fn, tuple(args), kwargs), need, arg_names)
+        procs, conns, files = [], [], [payload]   # the call's files have no name: they go with the last process holding them
         try:
             world = {'WORLD_SIZE': str(nprocs), 'LOCAL_WORLD_SIZE': str(nprocs)}
             envs = [{**world, 'RANK': str(r), 'LOCAL_RANK': str(r), **((env(r) if callable(env) else env) or {})} for r in range(nprocs)]
             light = env is None and not payload.needs_torch
             ctx = context or _context(options.start_method, light)
             forkserver = ctx.get_start_method() == 'forkserver'
-            call = os.path.join(scratch, 'call.pkl')   # a file, not a Process argument: the start-up data stays small, so a
-            with open(call, 'wb') as f: f.write(payload.data)   # worker dying at start (unguarded script) shows its exit code
-            spec = WorkerSpec(env=envs, payload=call, scratch=scratch, spill=spill, gather=gather, seed=_caller_seed(),
+            files.append(call := AnonymousFile(shm_root()))   # a file, not a Process argument: the start-up data stays small,
+            call.write(payload.data)                           # so a worker dying at start (unguarded script) shows its exit code
+            files += (stacks := [AnonymousFile(shm_root()) for _ in range(nprocs)])
+            spec = WorkerSpec(env=envs, payload=call.path, stacks=[f.path for f in stacks], results=shm_root(),
+                              spill=tempfile.gettempdir(), gather=gather, seed=_caller_seed(),
                               imports=options.imports, parent_pid=None if forkserver else os.getpid(),
                               base_env=dict(os.environ) if forkserver else None)
             for r in range(nprocs):
@@ -283,12 +270,12 @@ def launch(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = No
             _supervise(collected, procs, conns, options.timeout)
             if context is None and options.start_method == 'warm' and forkserver: mark_ready()
         except BaseException as e:
-            if isinstance(e, (LaunchTimeout, KeyboardInterrupt)): _report_stacks(e, procs, scratch)
+            if isinstance(e, (LaunchTimeout, KeyboardInterrupt)) and procs: _report_stacks(e, procs, stacks)
             _stop_workers(procs)
             raise
         finally:
             for c in conns: c.close()
-            for d in (scratch, spill): shutil.rmtree(d, ignore_errors=True)
+            for f in files: f.close()
         return list(collected.results[r] for r in range(nprocs)) if gather == 'all' else None if gather is None else collected.results[gather]
 
 def _supervise(collected: _Collector, procs: list, conns: list, timeout: float | None):

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import dill
 from ._private import LRU_CACHE_INFO, LRU_CACHE_WRAPPER, numpy_frombuffer
 from .errors import PayloadError
+from .files import AnonymousFile
 
 __all__ = ['dumps', 'loads', 'Payload', 'find_unpicklable', 'check_picklable', 'check_call', 'referenced_globals',
            'SHARE_MIN_BYTES']
@@ -161,20 +162,19 @@ def _tensor(regions: list, start: int, dtype, meta: bytes, requires_grad: bool, 
 # ---------------------------------------------------------------- the pickler
 
 class _Segment:
-    "Append-only file of buffers, each at a page-aligned offset so that a receiver can map it on its own."
-    def __init__(self, path: str): self.path,self.f,self.size = path,None,0
+    """Buffers appended to a file with no name in `folder`, made at the first one, each at a page-aligned offset so that
+    a receiver can map it on its own. Its bytes live while the segment, or a receiver that mapped them, holds them."""
+    def __init__(self, folder: str): self.folder,self.file,self.size = folder,None,0
     def add(self, buf: memoryview) -> int:
-        if self.f is None: self.f = open(self.path, 'wb')
+        if self.file is None: self.file = AnonymousFile(self.folder)
         off = -(-self.size // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY
-        self.f.seek(off)
-        self.f.write(buf)
+        self.file.write(buf, off)
         self.size = off + buf.nbytes
         return off
-    def close(self, remove: bool = False):
-        if self.f is None: return
-        try: self.f.close()
-        finally:
-            if remove: os.remove(self.path)
+    @property
+    def path(self) -> str | None: return None if self.file is None else self.file.path
+    def close(self):
+        if self.file is not None: self.file.close()
 
 class _OutOfBand:
     "The protocol-5 buffer callback: large buffers (numpy arrays' bytes) go into `segment`, out of the stream ('dry': nowhere)."
@@ -319,9 +319,16 @@ def referenced_globals(obj: Any, skip=()) -> dict:
 
 class Payload:
     """Pickled bytes (a header, then one or more pickles sharing a memo), the segment file holding its large buffers, if
-    any, and the top-level packages whose classes, functions or tensors it holds (a receiver must import them)."""
-    def __init__(self, data: bytes, segment_path: str | None, packages: frozenset[str] = frozenset()):
-        self.data,self.segment_path,self.packages = data,segment_path,packages
+    any, and the top-level packages whose classes, functions or tensors it holds (a receiver must import them).
+    The segment has no name: receivers load `data` while this payload is open, and `close()` (or its end) frees it."""
+    def __init__(self, data: bytes, segment: _Segment | None = None, packages: frozenset[str] = frozenset()):
+        self.data,self.segment,self.packages = data,segment,packages
+    @property
+    def segment_path(self) -> str | None:
+        "Where a receiver opens the segment, while this payload is open; None when nothing went out of the stream."
+        return None if self.segment is None else self.segment.path
+    def close(self) -> None:
+        if self.segment is not None: self.segment.close()
     @property
     def needs_torch(self) -> bool:
         "Whether loading it imports torch (tensors, or torch's or fastai's objects)."
@@ -329,15 +336,16 @@ class Payload:
     @property
     def nbytes(self) -> int:
         "Bytes sent: the pickle plus the segment file."
-        return len(self.data) + (os.path.getsize(self.segment_path) if self.segment_path else 0)
+        return len(self.data) + (self.segment.size if self.segment is not None else 0)
 
 def dumps(obj: Any, need: dict | None = None, ship_globals: bool = True, mode: str = 'segment',
-          segment_path: str | None = None) -> Payload:
+          segment_dir: str | None = None) -> Payload:
     """Pickle `obj`, plus `need` (name -> value) and, with `ship_globals`, the notebook globals its `__main__`
     functions reference; without it (a worker's result going home) `__main__` classes go by name, since the receiver
-    has them. Large numpy buffers and tensor storages go to the file `segment_path` (mode 'segment'). Load with `loads`."""
+    has them. Large numpy buffers and tensor storages go to a file with no name in `segment_dir` (mode 'segment'), which
+    lives as long as the payload (or a receiver's mapping of it). Load with `loads`."""
     body = io.BytesIO()
-    seg = _Segment(segment_path) if mode == 'segment' and segment_path else None
+    seg = _Segment(segment_dir) if mode == 'segment' and segment_dir else None
     try:
         p = _Pickler(body, mode=mode, segment=seg, classes_by_name=not ship_globals)
         p.dump(obj)
@@ -352,13 +360,12 @@ def dumps(obj: Any, need: dict | None = None, ship_globals: bool = True, mode: s
             p.dump(todo)
             todo = {}
         regions = p.regions()
-        if seg is not None: seg.close()   # a full /dev/shm may fail this last write too
     except BaseException:
-        if seg is not None: seg.close(remove=True)
+        if seg is not None: seg.close()
         raise
-    path = seg.path if seg is not None and seg.f is not None else None
-    return Payload(b''.join([pickle.dumps((_HEADER, path, p.oob.at, regions), protocol=5), body.getbuffer()]), path,
-                   frozenset(p.packages - {''}))
+    if seg is not None and seg.file is None: seg = None
+    return Payload(b''.join([pickle.dumps((_HEADER, seg.path if seg else None, p.oob.at, regions), protocol=5), body.getbuffer()]),
+                   seg, frozenset(p.packages - {''}))
 
 def loads(data: bytes, install_globals: bool = True) -> Any:
     """Load a `dumps` payload (a plain pickle loads as such); the globals that came with it go into this process's

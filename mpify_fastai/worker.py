@@ -14,7 +14,7 @@ from .imports import run_imports
 from .serialize import dumps, loads
 
 __all__ = ['Call', 'WorkerSpec', 'Output', 'Event', 'Result', 'Failure', 'Ack', 'worker_main', 'run_in_context', 'send_event',
-           'stack_file', 'seed_global_rngs', 'MAIN_GUARD_EXIT', 'STACKS_SIGNAL']
+           'seed_global_rngs', 'MAIN_GUARD_EXIT', 'STACKS_SIGNAL']
 
 @dataclass(frozen=True)
 class Call:
@@ -28,8 +28,9 @@ class WorkerSpec:
     "What every worker of a launch starts from, sent once by the caller."
     env: list[dict]                 # each rank's added environment variables, by rank
     payload: str                    # the file holding the pickled `Call`
-    scratch: str                    # the call's private folder (segment files, stack files)
-    spill: str                      # where results go if `scratch` fills up
+    stacks: list[str]               # each rank's file for its Python stacks, on request (STACKS_SIGNAL)
+    results: str                    # the folder a result's large buffers go to (in a file with no name)
+    spill: str                      # where they go if `results` is full
     gather: str | int | None        # whose results go home: 'all', a rank, or None
     seed: int                       # the caller's draw, from which each rank seeds its global RNGs
     imports: str = ''               # import statements run in the worker's __main__ first
@@ -113,8 +114,6 @@ _channel: _Channel | None = None   # set in a worker process
 _stacks = None                      # the file this worker's Python stacks go to on STACKS_SIGNAL (kept open)
 STACKS_SIGNAL = signal.SIGUSR1
 
-def stack_file(scratch: str, rank: int) -> str: return os.path.join(scratch, f'stacks-{rank}.txt')
-
 def _stacks_on_request(path: str) -> None:
     "On STACKS_SIGNAL, write every thread's Python stack to `path`, even while blocked in a collective (faulthandler)."
     global _stacks
@@ -133,7 +132,7 @@ def worker_main(rank: int, conn, spec: WorkerSpec) -> None:
     if server is not None: warnings.resetwarnings(); warnings.filters.extend(server.worker_filters())
     chan = _channel = _Channel(conn)
     sys.stdout, sys.stderr = _OutputForwarder(chan, 'stdout'), _OutputForwarder(chan, 'stderr')
-    _stacks_on_request(stack_file(spec.scratch, rank))
+    _stacks_on_request(spec.stacks[rank])
     try:
         run_imports(spec.imports, sys.modules['__main__'].__dict__)
         with open(spec.payload, 'rb') as f: call = loads(f.read())
@@ -141,8 +140,9 @@ def worker_main(rank: int, conn, spec: WorkerSpec) -> None:
         res = call.fn(*call.args, **call.kwargs)
         sys.stdout.flush(); sys.stderr.flush()
         if spec.gather in ('all', rank):
-            chan.send(Result(_result_payload(res, spec, rank).data))
-            chan.acked.wait(_ACK_TIMEOUT)    # the caller maps our segment file before we go
+            out = _result_payload(res, spec, rank)
+            chan.send(Result(out.data))
+            chan.acked.wait(_ACK_TIMEOUT)    # the caller maps our segment file before we go (`out` holds it till then)
         else: chan.send(Result(None))
     except BaseException as e:
         try: sys.stdout.flush(); sys.stderr.flush()
@@ -171,16 +171,13 @@ def _seed_rngs(seed: int, rank: int) -> None:
     seed_global_rngs(random.Random(f'{seed}-{rank}').getrandbits(63))
 
 def _result_payload(res, spec: WorkerSpec, rank: int):
-    "`res` serialized for the caller; its big buffers in the call's scratch folder, or on disk if that is full."
-    seg = os.path.join(spec.scratch, f'result-{rank}')
-    try: return dumps(res, ship_globals=False, segment_path=seg)
+    "`res` serialized for the caller; its big buffers in /dev/shm, or on disk if that is full."
+    try: return dumps(res, ship_globals=False, segment_dir=spec.results)
     except OSError as e:
         if e.errno != errno.ENOSPC: raise
-        if os.path.exists(seg): os.remove(seg)
-        os.makedirs(spec.spill, exist_ok=True)
-        print(f"mpify_fastai: {spec.scratch} is full; rank {rank}'s result goes through {spec.spill} on disk",
+        print(f"mpify_fastai: {spec.results} is full; rank {rank}'s result goes through {spec.spill} on disk",
               file=sys.stderr, flush=True)
-        return dumps(res, ship_globals=False, segment_path=os.path.join(spec.spill, f'result-{rank}'))
+        return dumps(res, ship_globals=False, segment_dir=spec.spill)
 
 def run_in_context(ctx, fn, *args, **kwargs):
     "Run `fn(*args, **kwargs)` inside `ctx`: a context manager, or a zero-argument callable returning one."

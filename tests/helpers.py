@@ -103,6 +103,23 @@ def scratch_of(pid: int) -> list[str]:
     "Scratch folders of the launcher started by process `pid` (`mpify-<pid>-*` in /dev/shm or the temp dir)."
     return sorted(p for p in shm_entries() if os.path.basename(p).startswith(f'mpify-{pid}-'))
 
+def shm_files_held(pid: int) -> set[str]:
+    "The /dev/shm files (named or not: `/dev/shm/#<inode> (deleted)`) that process `pid` has open or mapped."
+    out = set()
+    try:
+        for fd in os.listdir(f'/proc/{pid}/fd'):
+            try: target = os.readlink(f'/proc/{pid}/fd/{fd}')
+            except OSError: continue
+            if target.startswith(SHM + '/'): out.add(target)
+        with open(f'/proc/{pid}/maps') as f:
+            out |= {l.split(None, 5)[5].strip() for l in f if len(l.split(None, 5)) == 6 and l.split(None, 5)[5].startswith(SHM + '/')}
+    except OSError: pass
+    return out
+
+def shm_holders(files: set[str]) -> list[int]:
+    "Every process on this machine that still holds one of the /dev/shm `files` open or mapped."
+    return [int(d) for d in os.listdir('/proc') if d.isdigit() and shm_files_held(int(d)) & files]
+
 def kill_quietly(pids):
     for p in pids:
         try: os.kill(p, signal.SIGKILL)

@@ -397,15 +397,17 @@ def _start_caller(tmp_path, method='default', new_session=False):
 
 @pytest.mark.parametrize('method', ['default', 'spawn', 'forkserver'])
 def test_caller_killed_takes_workers_along(tmp_path, method):
-    """kill -9 the caller while its workers sleep: they must be gone within 10 s. Linux re-parents orphans to
+    """kill -9 the caller while its workers sleep: they must be gone within 10 s, and the /dev/shm memory of the call
+    freed with them. Linux re-parents orphans to
     init, which here does not reap; this test makes itself the subreaper so it can see them exit and reap them."""
     before = {c['pid'] for c in helpers.children_of()}
     _set_subreaper(True)
     try:
         proc, pids = _start_caller(tmp_path, method)
         assert all(helpers.alive(p) for p in pids)
-        scratch = helpers.scratch_of(proc.pid)
-        assert scratch, "the caller made no scratch folder (the sweep below would test nothing)"
+        held = helpers.shm_files_held(proc.pid)
+        assert held and all(f.endswith('(deleted)') for f in held), held   # the call's data: /dev/shm files with no name
+        assert helpers.scratch_of(proc.pid) == []
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         deadline, gone = time.monotonic() + 10, set()
@@ -422,10 +424,9 @@ def test_caller_killed_takes_workers_along(tmp_path, method):
         for p in adopted:   # reap the orphans (workers, forkserver, resource tracker) we adopted
             try: os.waitpid(p, 0)
             except ChildProcessError: pass
-    # the dead caller's scratch folder is swept by the next launch
-    assert helpers.scratch_of(proc.pid) == scratch
+    # with its caller and workers gone, nothing of the call is left in /dev/shm, without waiting for another call
+    assert helpers.shm_holders(held) == [] and helpers.scratch_of(proc.pid) == []
     _assert_next_call_works()
-    assert helpers.scratch_of(proc.pid) == []
 
 @pytest.mark.parametrize('target,method', [('pid', 'default'), ('group', 'default'), ('group', 'spawn')])
 def test_keyboard_interrupt_in_caller(tmp_path, target, method):

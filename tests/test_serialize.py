@@ -95,12 +95,12 @@ def _digits_like():
 
 def test_views_payload_is_small(tmp_path):
     X, y, ds = _digits_like()
-    seg = str(tmp_path / 'seg')
     t = time.perf_counter()
-    p = dumps(ds, segment_path=seg)
+    p = dumps(ds, segment_dir=str(tmp_path))
     took = time.perf_counter() - t
     assert len(p.data) < 300_000, len(p.data)
-    assert p.segment_path == seg and p.nbytes == len(p.data) + os.path.getsize(seg)
+    assert p.segment_path.startswith(f'/proc/{os.getpid()}/fd/') and os.listdir(tmp_path) == []   # a file with no name
+    assert p.nbytes == len(p.data) + os.path.getsize(p.segment_path)
     assert p.nbytes < 1_000_000, p.nbytes
     assert took < 10
     ds2 = loads(p.data)
@@ -115,7 +115,7 @@ def test_plain_dill_drags_whole_storage_per_view(tmp_path):
     X, y, ds = _digits_like()
     sample = ds[:20]
     plain = len(dill.dumps(sample))
-    ours = dumps(sample, segment_path=str(tmp_path / 'seg')).nbytes
+    ours = dumps(sample, segment_dir=str(tmp_path)).nbytes
     assert plain > 20 * X.untyped_storage().nbytes()
     assert plain > 15 * ours, (plain, ours)
 
@@ -127,7 +127,7 @@ def test_tensor_subclass_round_trip(tmp_path, numel):
     base = torch.arange(float(numel))
     t = base.as_subclass(TaggedTensor)
     t.note = 'keep me'
-    p = dumps({'t': t, 'view': t[2:7]}, segment_path=str(tmp_path / 'seg'))
+    p = dumps({'t': t, 'view': t[2:7]}, segment_dir=str(tmp_path))
     assert (p.segment_path is not None) == (numel * 4 >= SHARE_MIN_BYTES)
     out = loads(p.data)
     assert type(out['t']) is TaggedTensor and out['t'].note == 'keep me'
@@ -140,7 +140,7 @@ def test_parameter_round_trip(tmp_path, numel):
     frozen = torch.nn.Parameter(torch.randn(numel), requires_grad=False)
     lin = torch.nn.Linear(300 if numel > 10 else 3, 4)
     ncv = torch.randn(40, 700).t()                        # non-contiguous view
-    p = dumps((w, frozen, lin, ncv), segment_path=str(tmp_path / 'seg'))
+    p = dumps((w, frozen, lin, ncv), segment_dir=str(tmp_path))
     w2, frozen2, lin2, ncv2 = loads(p.data)
     assert type(w2) is torch.nn.Parameter and w2.requires_grad and torch.equal(w2, w)
     assert type(frozen2) is torch.nn.Parameter and not frozen2.requires_grad and torch.equal(frozen2, frozen)
@@ -156,13 +156,14 @@ def test_conjugate_and_negative_views_keep_their_values(tmp_path, numel):
     z = torch.randn(numel, dtype=torch.complex64)
     zc, neg = z.conj(), z.conj().imag
     assert zc.is_conj() and neg.is_neg()
-    out = loads(dumps([z, zc, neg], segment_path=str(tmp_path / 'seg')).data)
+    p = dumps([z, zc, neg], segment_dir=str(tmp_path))
+    out = loads(p.data)
     assert torch.equal(out[0], z) and torch.equal(out[1], zc) and torch.equal(out[2], neg)
 
 def test_receiver_mutation_does_not_reach_sender_or_segment(tmp_path):
     X = torch.arange(100_000.)
     keep = X.clone()
-    p = dumps([X, X[10:20]], segment_path=str(tmp_path / 'seg'))
+    p = dumps([X, X[10:20]], segment_dir=str(tmp_path))
     assert os.path.getsize(p.segment_path) >= X.untyped_storage().nbytes()
     a, v = loads(p.data)
     a.add_(1)
@@ -172,9 +173,8 @@ def test_receiver_mutation_does_not_reach_sender_or_segment(tmp_path):
     assert torch.equal(a2, keep)                  # and so is the segment file (copy-on-write mapping)
 
 def test_no_segment_file_without_large_tensors(tmp_path):
-    seg = tmp_path / 'seg'
-    p = dumps([torch.ones(10), 'text'], segment_path=str(seg))
-    assert p.segment_path is None and not seg.exists() and p.nbytes == len(p.data)
+    p = dumps([torch.ones(10), 'text'], segment_dir=str(tmp_path))
+    assert p.segment_path is None and os.listdir(tmp_path) == [] and p.nbytes == len(p.data)
 
 # ---------------------------------------------------------------- finding what cannot be pickled
 
@@ -214,7 +214,7 @@ def test_open_file_is_refused_and_left_intact(tmp_path):
         holder = Obj()
         holder.log = f
         with pytest.raises(Exception):
-            dumps(holder, segment_path=str(tmp_path / 'seg'))
+            dumps(holder, segment_dir=str(tmp_path))
         assert find_unpicklable({'cb': holder}, 'kw') == "kw['cb'].log: <TextIOWrapper>"
     assert path.read_text() == 'keep me\n' and not (tmp_path / 'seg').exists()
 
@@ -227,7 +227,7 @@ DTYPES = ['bool', 'int8', 'uint16', 'int32', 'int64', 'float16', 'float32', 'flo
           [('a', 'i4'), ('b', 'f8')]]
 
 def _round_trip(obj, tmp_path):
-    p = dumps(obj, segment_path=str(tmp_path / 'seg'))
+    p = dumps(obj, segment_dir=str(tmp_path))
     return p, loads(p.data)
 
 @pytest.mark.parametrize('n', [5, 40_000])
@@ -304,7 +304,8 @@ def test_a_view_travels_with_its_own_bytes_only(tmp_path):
     assert p.nbytes < 10_000, p.nbytes
     assert head.tolist() == list(range(10, 20)) and tail.tolist() == [999_995., 999_996., 999_997., 999_998., 999_999.]
     assert head.untyped_storage().nbytes() < 1_000 and again.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()
-    p, back = _round_trip(loads(dumps(X, segment_path=str(tmp_path / 'seg1')).data)[:3], tmp_path)
+    sent = dumps(X, segment_dir=str(tmp_path))
+    p, back = _round_trip(loads(sent.data)[:3], tmp_path)
     assert back.tolist() == [0., 1., 2.] and p.nbytes < 1_000
 
 # ---------------------------------------------------------------- code by value
@@ -384,8 +385,9 @@ def test_notebook_classes_of_every_kind_in_fresh_process(main_ns, tmp_path):
     assert out == repr([5, [1], 'y', 2, 6, 2, 'f', 5, 8, True, 8])
 
 def test_payload_without_tensors_names_neither_torch_nor_fastai(main_ns, tmp_path):
-    "The launcher starts a call whose payload names neither on spawn while the warm server is still starting."
+    "A payload says it needs neither (the launcher starts it on spawn while the warm server is still starting)."
     ns = main_ns(CODE + KINDS)
     p = dumps((ns['use'], (ns['DC'](), ns['Derived'](1), ns['make_counter'](1), ns['cached'], np.zeros(100_000))),
-              segment_path=str(tmp_path / 'seg'))
-    assert p.segment_path and b'torch' not in p.data and b'fastai' not in p.data
+              segment_dir=str(tmp_path))
+    assert p.segment_path and not p.needs_torch and not {'torch', 'fastai'} & p.packages, p.packages
+    assert dumps((ns['use'], (torch.zeros(2),))).needs_torch
