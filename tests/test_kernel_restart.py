@@ -1,7 +1,7 @@
 """A kernel restarted (SIGKILLed) during `fit_ddp` leaves nothing behind: its workers go, and the /dev/shm memory that
 held the call's 200 MB payload is freed with them, without waiting for another call. A real Jupyter kernel."""
 from __future__ import annotations
-import os, shutil, time
+import shutil, time
 import pytest
 import helpers
 
