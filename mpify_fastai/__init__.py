@@ -2,18 +2,18 @@
 
 Importing it is cheap and imports neither fastai nor torch. It adds `Learner.fit_ddp`, `.ddp`, `.save_ddp_job`
 and `.load_ddp_result` to fastai's Learner, now if fastai is loaded, else as soon as it is (either import order
-works). In a process that has imported torch it also starts the warm fork server in the background, so the first
-launch finds torch (and fastai) already imported there; `MPIFY_PREWARM=0` turns that off.
+works). As soon as the process has torch (imported before or after it), it also starts the warm fork server in the
+background, so the first launch finds torch (and fastai) already imported there; `MPIFY_PREWARM=0` turns that off.
 """
 __version__ = '0.1.0'
-import sys as _sys
 from .errors import (UsageError, ArgumentError, ArgumentTypeError, NeedError, LaunchError, WorkerError, WorkerDied,
                      LaunchTimeout, MainGuardError, PayloadError)
 from .imports import ImportsError, global_imports, import_star
 from .launch import ranch, LaunchOptions
 from .worker import send_event
 from .group import in_torchddp, TorchDDPCtx, GroupOptions, rank_world, local_rank, local_device, is_rank0
-from .fastai_hook import add_learner_methods_with_fastai as _add_learner_methods_with_fastai
+from .import_hooks import add_learner_methods_with_fastai as _add_learner_methods_with_fastai, when_imported as _when_imported
+from .warm import prewarm as _prewarm
 
 _FASTAI = {'fit_ddp': 'learner', 'DDPMethods': 'learner', 'DistributedRunner': 'runner',
            'apply_result': 'state', 'learner_result': 'state',
@@ -32,6 +32,6 @@ __all__ = ['ranch', 'in_torchddp', 'TorchDDPCtx', 'LaunchOptions', 'GroupOptions
            'UsageError', 'ArgumentError', 'ArgumentTypeError', 'NeedError', 'LaunchError', 'WorkerError', 'WorkerDied', 'LaunchTimeout', 'MainGuardError', 'PayloadError', 'ImportsError']
 
 _add_learner_methods_with_fastai()
-if 'torch' in _sys.modules:
-    from .warm import prewarm as _prewarm
-    _prewarm()     # start the warm launcher now, in the background: the session's first launch finds it ready
+# the warm launcher starts in the background as soon as this process has torch (now, or when it imports it): the
+# session's first launch finds it ready
+_when_imported('torch', _prewarm, 'start the warm launcher')

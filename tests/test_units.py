@@ -421,18 +421,18 @@ def _python(code: str) -> str:
 
 _CHECK_METHODS = """
 from fastai.learner import Learner
-from mpify_fastai.fastai_hook import _FastaiImportHook
+from mpify_fastai.import_hooks import _ImportHook
 names = ('fit_ddp', 'ddp', 'save_ddp_job', 'load_ddp_result')
 mods = [getattr(getattr(Learner, n, None), '__module__', None) for n in names]
-print(mods, any(isinstance(f, _FastaiImportHook) for f in sys.meta_path))
+print(mods, any(isinstance(f, _ImportHook) and f.package == 'fastai' for f in sys.meta_path))
 """
 _METHODS_ADDED = "['mpify_fastai.learner', 'mpify_fastai.learner', 'mpify_fastai.job', 'mpify_fastai.job'] False"
 
 def test_import_alone_imports_neither_fastai_nor_torch():
     "`import mpify_fastai` loads no fastai or torch module, and leaves its hook waiting on `sys.meta_path`."
-    out = _python("import sys, mpify_fastai\nfrom mpify_fastai.fastai_hook import _FastaiImportHook\n"
+    out = _python("import sys, mpify_fastai\nfrom mpify_fastai.import_hooks import _ImportHook\n"
                   "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fastai', 'torch')), "
-                  "sum(isinstance(f, _FastaiImportHook) for f in sys.meta_path))")
+                  "sum(isinstance(f, _ImportHook) and f.package == 'fastai' for f in sys.meta_path))")
     assert out == '[] 1'
 
 def test_import_mpify_then_fastai_adds_methods():
@@ -442,6 +442,28 @@ def test_import_mpify_then_fastai_adds_methods():
 def test_import_fastai_then_mpify_adds_methods():
     "fastai first, then mpify_fastai: the Learner methods appear at once and no hook is installed."
     assert _python("import sys\nfrom fastai.vision.all import *\nimport mpify_fastai\n" + _CHECK_METHODS) == _METHODS_ADDED
+
+_TORCH_LATER = """
+import time, mpify_fastai
+from mpify_fastai import ranch
+from mpify_fastai.warm import warm_ready
+assert not warm_ready()
+import torch
+t = time.monotonic()
+while not warm_ready() and time.monotonic() - t < 90: time.sleep(0.05)
+ready = time.monotonic() - t
+t = time.monotonic()
+out = ranch(2, torch.add, torch.ones(2), 1)
+print(ready, time.monotonic() - t, [o.tolist() for o in out])
+"""
+
+def test_warm_server_starts_when_torch_comes_after_mpify():
+    "`import mpify_fastai`, then `import torch`: the warm server starts in the background, and the first tensor call is fast."
+    r = subprocess.run([sys.executable, '-c', _TORCH_LATER], env=helpers.subprocess_env(), capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr
+    ready, first, out = r.stdout.split(maxsplit=2)
+    assert float(ready) < 60 and float(first) < 1.5 and out.strip() == '[[2.0, 2.0], [2.0, 2.0]]', r.stdout
 
 @pytest.mark.parametrize('name', ['DDPJob', 'apply_result', 'DistributedRunner'])
 def test_fastai_layer_name_first_adds_methods(name):
