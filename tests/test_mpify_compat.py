@@ -21,7 +21,7 @@ def test_ranch_ctx_torchddpctx_is_in_torchddp(ctx):
     assert all(r['backend'] == 'gloo' and r['init'].startswith('file://') and r['ifname'] == 'lo' for r in res)
     same = lambda rs: [{k: v for k, v in r.items() if k != 'init'} for r in rs]   # each launch has its own store
     assert same(res) == same(in_torchddp(2, group_facts))
-    assert _stores() == before
+    assert not _stores() - before   # an earlier test's dead caller may have left one, swept since: only ours matter
 
 def test_ranch_ctx_tears_the_group_down(tmp_path):
     "The group is left when `fn` returns; mpify's `num_threads` sets each rank's torch threads."
@@ -126,8 +126,8 @@ def test_ported_mpify_example_runs_in_a_real_kernel():
         assert any(old in b for b in blocks), f"the README example no longer contains {old!r}"
         blocks = [b.replace(old, new) for b in blocks]
     cells = [IMAGES, blocks[0], 'print(type(learn).__name__, [float(v) for v in learn.validate()])',
-             blocks[1], 'print(len(learn.recorder.values), [float(v) for v in learn.recorder.values[-1]][1:] == '
-                        '[float(v) for v in learn.validate()])']
+             blocks[1], 'row = [float(v) for v in learn.recorder.values[-1]][1:]\n'
+                        'print(len(learn.recorder.values), all(abs(a - b) < 1e-5 for a, b in zip(row, learn.validate())))']
     nb = run_notebook(cells, timeout=180)
     out = [cell_output(c, 'stdout') for c in nb.cells]
     assert out[2].startswith('Learner [') and len(eval(out[2][len('Learner '):])) == 2, out[2]   # rank 0's trained Learner
