@@ -8,11 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 import torch
-from fastai.callback.core import Callback
 from fastai.torch_core import to_detach
-from ._private import valid_metrics
 from .group import rank_world
-from .metrics import reduce_metrics
+from .metrics import ExactMetrics
 from .sharding import shard_dl, share_loader_workers
 from .training import DRAWN_BY_CALLER, DDPJob, worker_learner
 
@@ -37,11 +35,6 @@ def rank_shard(dl, rank: int, world: int) -> tuple:
     idxs, where = list(shard.get_idxs()), {i: p for p, i in enumerate(order)}
     return shard, idxs, [where[i] for i in idxs]
 
-class _CombinedMetrics(Callback):
-    "Before the Recorder reads them, every rank's validation metrics become the whole set's."
-    order = 11
-    def after_validate(self): reduce_metrics(valid_metrics(self.recorder))
-
 def infer_in_worker(job: DDPJob) -> Shard | Any:
     """Worker side of `learn.ddp(n).get_preds/tta/validate(...)`: run `job.method` (its arguments by name in `job.kwargs`)
     on this rank's shard. `get_preds`/`tta` return a `Shard`: sorting every rank's keys together puts the items where
@@ -59,7 +52,7 @@ def infer_in_worker(job: DDPJob) -> Shard | Any:
     shard, idxs, positions = rank_shard(dl, rank, world)
     learn.model.to(learn.dls.device)
     if method == 'validate':
-        with learn.added_cbs(_CombinedMetrics()): res = learn.validate(dl=shard)
+        with learn.added_cbs(ExactMetrics()): res = learn.validate(dl=shard)
         return res if rank == 0 else None
     if not idxs: return Shard([], None)
     if method == 'tta': return Shard(sorted(idxs), learn.tta(dl=shard, **kwargs))   # tta's own get_preds sorts by index

@@ -4,17 +4,16 @@
 Training batches: every rank draws the same shuffled order (a seed shared at `before_fit`) and takes its share of it,
 padded so all ranks step together (`sharding`). Validation: unpadded shards of whole batches, the local run's own, on
 the plain module (no collective in the forward); then the metric accumulators are combined across ranks before the
-Recorder reads them (`metrics`), so every rank logs the exact whole-set values a single process would.
+Recorder reads them (it is an `ExactMetrics`), so every rank logs the exact whole-set values a single process would.
 """
 from __future__ import annotations
 import random
 import numpy as np
 import torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from fastai.callback.core import Callback
-from ._private import ddp_ignore_parameters, train_metrics, valid_metrics
+from ._private import ddp_ignore_parameters
 from .group import local_device, rank_world
-from .metrics import reduce_metrics
+from .metrics import ExactMetrics
 from .sharding import share_loader_workers, shard_dl, unshard_dl
 from .state import opt_state_to
 
@@ -39,8 +38,8 @@ class ModuleDDP(DistributedDataParallel):
             if name == 'module': raise
             return getattr(self.module, name)
 
-class DistributedRunner(Callback):
-    "Wrap the model in DistributedDataParallel, shard the dataloaders across ranks, and keep validation metrics exact."
+class DistributedRunner(ExactMetrics):
+    "Wrap the model in DistributedDataParallel, shard the dataloaders across ranks, and keep the metrics exact."
     order = 11
     def __init__(self, sync_bn: bool = True, **ddp_kwargs):
         self.sync_bn,self.ddp_kwargs,self.training_fit = sync_bn,ddp_kwargs,False
@@ -76,12 +75,11 @@ class DistributedRunner(Callback):
         if self.world > 1:
             for b in self.plain.buffers(): dist.broadcast(b.data, 0)
         self.learn.model = self.plain
+        super().before_validate()
     def after_validate(self):
         if not self.training_fit: return
         self.learn.model = self.ddp_model
-        reduce_metrics(valid_metrics(self.recorder))
-    def after_train(self):
-        if getattr(self.recorder, 'train_metrics', False): reduce_metrics(train_metrics(self.recorder))
+        super().after_validate()
 
     def before_epoch(self):
         "Rank 0's files from the previous epoch (SaveModelCallback, runs after us in `after_epoch`) exist before anyone goes on."

@@ -22,7 +22,8 @@ from fastcore.basics import noop
 
 import helpers
 from fastai_helpers import digits_dls_plain, mlp, params_of, sgd_learner
-from mpify_fastai.metrics import combine_metric_shares, metric_shares
+from metric_helpers import SHAPES, BatchesSeen, IntCounter, LastBatchAccuracy, NoneStart, PerBatchMedianLoss
+from mpify_fastai.metrics import ADD, GROW, MetricTracker, accumulator_kinds
 from mpify_fastai.sharding import share_loader_workers, shard_dl, unshard_dl
 from mpify_fastai.errors import LaunchError
 from mpify_fastai.progress import BarStarted, BatchDone, EpochStarted, FitEnded, FitStarted, ProgressDisplay, RowLogged
@@ -99,7 +100,7 @@ def test_shard_dl_to_detach_does_not_gather(monkeypatch):
     assert 'to_detach' not in learn.dl.__dict__
     with pytest.raises(ValueError, match='process group'): learn.to_detach(x)
 
-# ---------------------------------------------------------------- metric_shares / combine_metric_shares
+# ---------------------------------------------------------------- MetricTracker: combining by what reset() leaves
 
 N_MET = 23
 
@@ -113,14 +114,32 @@ def _metric_data():
 def _make_metrics():
     return [AvgMetric(accuracy), AvgLoss(), F1Score(average='macro'), BalancedAccuracy()]
 
-def _accumulate(mets, pred, y, bs=4):
-    "Feed `mets` the batches of (pred, y), reading what a Learner exposes during validation."
-    for m in mets: m.reset()
+def _batches(pred, y, bs):
+    "The local run's batches of (pred, y), as a Learner exposes them during validation."
     for i in range(0, len(y), bs):
         p, t = pred[i:i + bs], y[i:i + bs]
-        fake = SimpleNamespace(pred=p, yb=(t,), y=t, loss=F.cross_entropy(p, t), to_detach=to_detach)
-        for m in mets: m.accumulate(fake)
-    return mets
+        yield SimpleNamespace(pred=p, yb=(t,), y=t, loss=F.cross_entropy(p, t), to_detach=to_detach)
+
+def _accumulate(mets, batches) -> MetricTracker:
+    "Feed `mets` `batches` as the Recorder does, under a tracker that marks where each batch begins."
+    for m in mets: m.reset()
+    tracker = MetricTracker(mets)
+    for b in batches:
+        tracker.batch_begins()
+        for m in mets: m.accumulate(b)
+    return tracker
+
+def _local_and_ranks(make, pred, y, world, bs=4):
+    "One local run over every batch, and `world` ranks each taking whole batches r, r+world, ... as validation does."
+    local = list(_batches(pred, y, bs))
+    whole = make()
+    _accumulate(whole, local)
+    ranks = [_accumulate(make(), local[r::world]) for r in range(world)]
+    return whole, ranks
+
+def _combine_all(trackers: list[MetricTracker]) -> list[list[str]]:
+    shares = [t.shares() for t in trackers]
+    return [t.combine(shares) for t in trackers]
 
 def _value(m) -> float: return float(m.value)
 
@@ -129,69 +148,71 @@ def _value(m) -> float: return float(m.value)
 def test_combined_metric_shares_equal_whole_set(world):
     "Combining every rank's shares gives each metric its whole-set value, the same on every rank."
     pred, y = _metric_data()
-    whole = [_value(m) for m in _accumulate(_make_metrics(), pred, y, bs=5)]
-    ranks = [_accumulate(_make_metrics(), pred[r::world], y[r::world]) for r in range(world)]
-    shards = [[_value(m) for m in mets] for mets in ranks]
-    assert any(abs(a - b) > 1e-3 for s in shards for a, b in zip(s, whole))   # each shard alone is not the answer
-    shares = [metric_shares(mets) for mets in ranks]
-    assert [sorted(s) for s in shares[0]] == [['count', 'total'], ['count', 'total'], ['preds', 'targs'], ['preds', 'targs']]
-    assert sum(s[0]['count'] for s in shares) == N_MET and sum(len(t) for s in shares for t in s[2]['targs']) == N_MET
-    combined = []
-    for mets in ranks:
-        assert combine_metric_shares(mets, shares) == []
-        combined.append([_value(m) for m in mets])
+    whole, ranks = _local_and_ranks(_make_metrics, pred, y, world)
+    whole = [_value(m) for m in whole]
+    assert any(abs(_value(m) - w) > 1e-3 for t in ranks for m, w in zip(t.mets, whole))   # a shard alone is not the answer
+    shares = ranks[0].shares()
+    assert [sorted(s.values) for s in shares] == [['count', 'total'], ['count', 'total'], ['preds', 'targs'], ['preds', 'targs']]
+    assert ranks[0].kinds[2] == {'preds': GROW, 'targs': GROW} and ranks[0].kinds[0] == {'total': ADD, 'count': ADD}
+    assert _combine_all(ranks) == [[]] * world
+    combined = [[_value(m) for m in t.mets] for t in ranks]
     for vals in combined:
         assert vals == combined[0]
         assert vals == pytest.approx(whole, abs=1e-6)
 
 def test_combine_metric_shares_with_an_empty_rank():
-    "A rank whose shard is empty adds nothing: the others' shares still combine to the whole-set value."
+    "A rank that saw no batch adds nothing: the others' shares still combine to the whole-set value."
     pred, y = _metric_data()
-    whole = [_value(m) for m in _accumulate(_make_metrics(), pred, y)]
-    ranks = [_accumulate(_make_metrics(), pred, y), _accumulate(_make_metrics(), pred[:0], y[:0])]
-    shares = [metric_shares(mets) for mets in ranks]
-    assert shares[1][2] == {'preds': [], 'targs': []} and shares[1][0] == {'count': 0, 'total': 0.0}
-    for mets in ranks:
-        combine_metric_shares(mets, shares)
-        assert [_value(m) for m in mets] == pytest.approx(whole, abs=1e-6)
+    whole, (full,) = _local_and_ranks(_make_metrics, pred, y, 1)
+    empty = _accumulate(_make_metrics(), [])
+    shares = empty.shares()
+    assert shares[2].values == {'preds': [], 'targs': []} and shares[0].values == {'total': 0.0, 'count': 0}
+    assert _combine_all([full, empty]) == [[], []]
+    for t in (full, empty): assert [_value(m) for m in t.mets] == pytest.approx([_value(m) for m in whole], abs=1e-6)
 
 def test_combined_perplexity_equals_whole_set():
     "fastai's `Perplexity` (an AvgLoss taking `exp` of the mean) combined from 2 ranks gives its whole-set value."
     pred, y = _metric_data()
-    whole = _accumulate([Perplexity()], pred, y)[0]
-    ranks = [_accumulate([Perplexity()], pred[r::2], y[r::2]) for r in range(2)]
-    shares = [metric_shares(mets) for mets in ranks]
-    for mets in ranks:
-        assert combine_metric_shares(mets, shares) == []
-        assert _value(mets[0]) == pytest.approx(_value(whole), abs=1e-6)
+    whole, ranks = _local_and_ranks(lambda: [Perplexity()], pred, y, 2)
+    assert _combine_all(ranks) == [[], []]
+    assert _value(ranks[0].mets[0]) == pytest.approx(_value(whole[0]), abs=1e-6)
 
-class Median(Metric):
-    "A metric of the user's own, keeping its own state: a list of predictions its `reset()` assigns."
-    def reset(self): self.vals = []
-    def accumulate(self, learn): self.vals.append(learn.pred)
-    @property
-    def value(self): return torch.cat(self.vals).median() if self.vals else None
-
-class SummedLoss(Metric):
-    "A custom metric with `total` and `count`: combined by summing like AvgLoss."
-    def reset(self): self.total, self.count = 0., 0
-    def accumulate(self, learn): self.total += float(learn.loss) * len(learn.yb[0]); self.count += len(learn.yb[0])
-    @property
-    def value(self): return self.total / self.count
-
-def test_general_rule_combines_user_metrics_and_reports_stateless_ones():
-    "Whatever `reset()` assigns is combined (a user's Median and SummedLoss are exact); `AvgSmoothLoss` is left alone, a stateless `ValueMetric` is reported once, by type name."
+@pytest.mark.parametrize('world', [2, 3, 4])
+@pytest.mark.parametrize('metric', SHAPES, ids=lambda c: c.__name__)
+def test_every_accumulator_shape_is_exact(metric, world):
+    "Per-batch and per-item lists, tensors kept in order, dicts, arrays, ints and fixed vectors: the local value, on every rank."
     pred, y = _metric_data()
-    make = lambda: [AvgSmoothLoss(), Median(), SummedLoss(), ValueMetric(lambda: 1.0, 'one'), ValueMetric(lambda: 2.0, 'two')]
-    ranks = [_accumulate(make(), pred[r::2], y[r::2]) for r in range(2)]
-    own = [_value(m) for m in ranks[0]]
-    shares = [metric_shares(mets) for mets in ranks]
-    assert shares[0][0] is None and list(shares[0][1]) == ['vals'] and shares[0][3] == {}
-    assert combine_metric_shares(ranks[0], shares) == ['ValueMetric']
-    whole = _accumulate(make(), pred, y)
-    assert _value(ranks[0][1]) == pytest.approx(_value(whole[1]), abs=1e-6) != own[1]
-    assert _value(ranks[0][2]) == pytest.approx(_value(whole[2]), abs=1e-6)
-    assert _value(ranks[0][0]) == own[0]   # left as it was
+    whole, ranks = _local_and_ranks(lambda: [metric()], pred, y, world)
+    assert _combine_all(ranks) == [[]] * world
+    for t in ranks: assert _value(t.mets[0]) == pytest.approx(_value(whole[0]), abs=1e-5)
+
+def test_equal_length_per_batch_lists_concatenate_not_add():
+    "The issue's case: 6 batches on 2 ranks, 3 each. Per-batch entries are concatenated in batch order, not added up."
+    pred, y = _metric_data()
+    whole, ranks = _local_and_ranks(lambda: [PerBatchMedianLoss(), BatchesSeen()], pred, y, 2, bs=4)
+    _combine_all(ranks)
+    assert _value(ranks[1].mets[1]) == 6.0 and ranks[1].mets[0].vals == whole[0].vals
+
+def test_stateless_and_none_metrics_keep_their_own_value_and_say_why():
+    "`ValueMetric` and a metric whose reset() assigns nothing or None keep the rank's own value; each is named, with why; `AvgSmoothLoss` is left alone."
+    pred, y = _metric_data()
+    make = lambda: [AvgSmoothLoss(), ValueMetric(lambda: 1.0, 'one'), LastBatchAccuracy(), NoneStart(), IntCounter()]
+    _, ranks = _local_and_ranks(make, pred, y, 2)
+    own = [m.value for m in ranks[0].mets[2:4]]
+    assert ranks[0].shares()[0] is None
+    problems = _combine_all(ranks)[0]
+    assert problems == ['metric ValueMetric: its reset() assigns nothing to add up across ranks',
+                        'metric LastBatchAccuracy: its reset() assigns nothing to add up across ranks',
+                        'metric NoneStart: its reset() leaves None, which says nothing of how it adds up: assign what '
+                        'it starts from (0 for a sum, [] for a list that grows)']
+    assert [m.value for m in ranks[0].mets[2:4]] == own
+
+def test_kinds_come_from_reset_not_from_values():
+    "What reset() leaves decides: an empty list grows, a filled one is a fixed vector, numbers and filled tensors add."
+    class Probe(Metric):
+        def __init__(self): self.name_ = 'kept'   # set in __init__, not reset(): no accumulator
+        def reset(self): self.a, self.b, self.c, self.d, self.e, self.f = [], [0, 0], torch.zeros(3), torch.tensor([]), {'k': 0}, 'label'
+    assert accumulator_kinds(Probe()) == {'a': GROW, 'b': [ADD, ADD], 'c': ADD, 'd': GROW, 'e': {'k': ADD}}
 
 def _segmentation(n=9, c=3, hw=5):
     g = torch.Generator().manual_seed(1)
@@ -205,19 +226,20 @@ def test_segmentation_metrics_are_exact(world):
     pred, y = _segmentation()
     bin_y, bin_pred = (y == 1).long(), torch.stack([pred[:, 0] + pred[:, 2], pred[:, 1]], 1)
     make = lambda: [Dice(), JaccardCoeff(), DiceMulti(), JaccardCoeffMulti()]
-    def feed(mets, p, t, bp, bt):
+    def feed(mets, batches):
         for m in mets: m.reset()
-        for i in range(0, len(t), 2):
-            for m, (pp, tt) in zip(mets, [(bp, bt), (bp, bt), (p, t), (p, t)]):
+        tracker = MetricTracker(mets)
+        for i in batches:
+            tracker.batch_begins()
+            for m, (pp, tt) in zip(mets, [(bin_pred, bin_y), (bin_pred, bin_y), (pred, y), (pred, y)]):
                 m.accumulate(SimpleNamespace(pred=pp[i:i + 2], y=tt[i:i + 2], yb=(tt[i:i + 2],), to_detach=to_detach))
-        return mets
-    whole = [_value(m) for m in feed(make(), pred, y, bin_pred, bin_y)]
-    ranks = [feed(make(), pred[r::world], y[r::world], bin_pred[r::world], bin_y[r::world]) for r in range(world)]
-    assert any(abs(_value(m) - w) > 1e-3 for m, w in zip(ranks[0], whole))   # a shard alone is not the answer
-    shares = [metric_shares(mets) for mets in ranks]
-    for mets in ranks:
-        assert combine_metric_shares(mets, shares) == []
-        assert [_value(m) for m in mets] == pytest.approx(whole, abs=1e-6)
+        return tracker
+    starts = list(range(0, len(y), 2))
+    whole = [_value(m) for m in feed(make(), starts).mets]
+    ranks = [feed(make(), starts[r::world]) for r in range(world)]
+    assert any(abs(_value(m) - w) > 1e-3 for m, w in zip(ranks[0].mets, whole))   # a shard alone is not the answer
+    assert _combine_all(ranks) == [[]] * world
+    for t in ranks: assert [_value(m) for m in t.mets] == pytest.approx(whole, abs=1e-6)
 
 # ---------------------------------------------------------------- ProgressDisplay
 
