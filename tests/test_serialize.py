@@ -391,3 +391,13 @@ def test_payload_without_tensors_names_neither_torch_nor_fastai(main_ns, tmp_pat
               segment_dir=str(tmp_path))
     assert p.segment_path and not p.needs_torch and not {'torch', 'fastai'} & p.packages, p.packages
     assert dumps((ns['use'], (torch.zeros(2),))).needs_torch
+
+@pytest.mark.parametrize('n', [3, 300])
+def test_same_shape_other_strides_arrive_as_sent(tmp_path, n):
+    "`m` and `m.t()` in one payload (one shape, two strides, one storage): each arrives as sent, sharing its storage."
+    m = torch.arange(float(n * n)).reshape(n, n)
+    p = dumps({'m': m, 'mt': m.t(), 'again': m.t()}, segment_dir=str(tmp_path))
+    out = loads(p.data)
+    assert torch.equal(out['m'], m) and torch.equal(out['mt'], m.t()) and torch.equal(out['again'], m.t())
+    assert out['mt'].stride() == (1, n) and out['m'].stride() == (n, 1)
+    assert out['mt'].untyped_storage().data_ptr() == out['m'].untyped_storage().data_ptr()
