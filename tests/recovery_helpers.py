@@ -56,3 +56,19 @@ def sum_and_big_result(x, n_result: int):
     "The sum of what came in, and a result of `n_result` float32s (4 bytes each) that must travel home."
     import torch
     return float(x.sum()), torch.full((n_result,), float(os.environ['RANK']))
+
+def cleans_up_on_sigterm(folder: str):
+    """Rank 0 handles SIGTERM with 0.3 s of clean-up that writes `term-0`; rank 1 raises once rank 0's handler is in
+    place: the launch's stop must leave rank 0 that long before its SIGKILL."""
+    import signal
+    rank = os.environ['RANK']
+    if rank == '0':
+        def clean_up(signum, frame):
+            time.sleep(0.3)
+            Path(folder, 'term-0').write_text('cleaned up')
+            os._exit(0)
+        signal.signal(signal.SIGTERM, clean_up)
+        Path(folder, 'ready-0').write_text('')
+        time.sleep(60)
+    while not Path(folder, 'ready-0').exists(): time.sleep(0.01)
+    raise RuntimeError('rank 1 fails')

@@ -128,6 +128,13 @@ def test_stubborn_grandchildren_are_gone_after_a_stop(tmp_path, then):
     while any(helpers.alive(p) for p in pids) and time.monotonic() < deadline: time.sleep(0.05)
     assert not any(helpers.alive(p) for p in pids), "a child that ignores SIGTERM outlived the stop"
 
+def test_sigterm_grace_lets_a_worker_run_its_handler(tmp_path):
+    "When a launch stops its workers, SIGTERM comes first and a grace follows: a rank's SIGTERM handler gets to finish."
+    from mpify_fastai import ranch
+    from recovery_helpers import cleans_up_on_sigterm
+    with pytest.raises(WorkerError, match='rank 1 fails'): ranch(2, cleans_up_on_sigterm, str(tmp_path))
+    assert (tmp_path / 'term-0').read_text() == 'cleaned up'
+
 KILLED_CALLER = '''
 import sys
 sys.path.insert(0, {tests!r})
