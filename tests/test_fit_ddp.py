@@ -275,3 +275,11 @@ def test_function_form_returns_trained_learner():
     last = [float(v) for v in learn.recorder.values[-1]]
     assert np.allclose([float(v) for v in learn.validate()], last[1:], atol=1e-4)
     assert last[2] > 0.5, "two epochs on digits should beat chance by far"
+
+def test_training_shards_are_padded_so_every_rank_steps_together(tmp_path, no_leftovers):
+    "97 training items, bs 16, 3 ranks: unpadded shares of 33, 32, 32 would step 3, 2, 2 times (rank 0 would wait alone in its third all-reduce); padded, every rank steps 3 times."
+    train, valid = fh.digits_dsets(97, 40)
+    dls = DataLoaders.from_dsets(train, valid, bs=16, shuffle=True, drop_last=False)
+    learn = fh.sgd_learner(dls, fh.mlp(), metrics=accuracy)
+    learn.fit_ddp(1, 0.1, nprocs=3, cbs=fh.RecordWorld(str(tmp_path)), progress=False, timeout=60)
+    assert [(tmp_path / f'rank{r}.txt').read_text().split()[2] for r in range(3)] == ['3', '3', '3']
