@@ -5,12 +5,16 @@ from pathlib import Path
 from fastai.callback.core import Callback
 
 class KillOnce(Callback):
-    "SIGKILL rank `rank` at the end of epoch `epoch`, in the first attempt only (MPIFY_RESTART_COUNT 0); rank 0 notes each attempt."
+    """SIGKILL rank `rank` at the end of epoch `epoch`, in the first attempt only (MPIFY_RESTART_COUNT 0); rank 0 notes
+    each attempt in `attempts`, and each epoch it begins as `<attempt> <epoch>` in `epochs`."""
     order = 90   # after the epoch checkpoint (70): the restart resumes right after this epoch
     def __init__(self, folder: str, epoch: int = 2, rank: int = 1): self.folder,self.at,self.rank = folder,epoch,rank
     def before_fit(self):
         if os.environ['RANK'] == '0':
             with open(Path(self.folder, 'attempts'), 'a') as f: f.write(os.environ.get('MPIFY_RESTART_COUNT', '?') + '\n')
+    def before_epoch(self):
+        if os.environ['RANK'] == '0':
+            with open(Path(self.folder, 'epochs'), 'a') as f: f.write(f"{os.environ.get('MPIFY_RESTART_COUNT', '?')} {self.epoch}\n")
     def after_epoch(self):
         if self.epoch != self.at or os.environ.get('MPIFY_RESTART_COUNT') != '0': return
         import torch.distributed as dist

@@ -21,11 +21,12 @@ def _rows_match_validate(learn, n_epoch):
     assert rows[-1][1:] == pytest.approx(val, abs=1e-4)
 
 def test_dead_worker_restarts_from_last_epoch(tmp_path):
-    "rank 1 SIGKILLed once at epoch 2, max_restarts=1: every epoch runs, each row once, metrics equal validate(); one restart."
+    "rank 1 SIGKILLed once at the end of epoch 2, max_restarts=1: the second attempt trains epoch 3 only; each row once, metrics equal validate()."
     learn = _learner()
     learn.ddp(nprocs=2, max_restarts=1).fit_one_cycle(4, 0.1, cbs=[KillOnce(str(tmp_path))])
     _rows_match_validate(learn, 4)
     assert (tmp_path / 'attempts').read_text().split() == ['0', '1']
+    assert (tmp_path / 'epochs').read_text().splitlines() == ['0 0', '0 1', '0 2', '1 3']
 
 def test_death_without_restarts_keeps_the_checkpoint(tmp_path):
     "Without restarts a death fails the call, the Learner stays as it was, and one call applies the last epoch's checkpoint."
