@@ -7,7 +7,7 @@ Each torchrun costs ~30-60 s here (every worker imports fastai): the default set
 fast checks, `-m slow` the rest.
 """
 from __future__ import annotations
-import math, os, pickle, shutil, signal, stat, subprocess, sys, textwrap, time, uuid
+import json, math, os, pickle, shutil, signal, stat, subprocess, sys, textwrap, time, uuid
 from pathlib import Path
 import pytest
 import helpers
@@ -154,9 +154,11 @@ def save_job(learn, path: Path, n_epoch: int, **kwargs) -> Path:
 # ---------------------------------------------------------------- default set
 
 def test_two_nodes_on_localhost_train_one_job(tmp_path):
-    "Two torchrun agents (two 'nodes', one worker each) form one group: one result, which validates in the caller."
+    "Two torchrun agents (two 'nodes', one worker each) form one group: one result, which validates in the caller; each rank's global RNGs are its own."
+    from app_helpers import RecordRNG
     learn = digits_learner()
-    job = save_job(learn, tmp_path / 'job.pkl', 2)
+    (rngs := tmp_path / 'rng').mkdir()
+    job = save_job(learn, tmp_path / 'job.pkl', 2, cbs=[RecordRNG(str(rngs))])
     nodes = [tmp_path / 'node0', tmp_path / 'node1']
     for n in nodes:
         n.mkdir()
@@ -173,6 +175,9 @@ def test_two_nodes_on_localhost_train_one_job(tmp_path):
     tables = [out for _, out in runs if 'train_loss' in out]
     assert len(tables) == 1, "exactly one node (rank 0's) shows the progress table"
     load_and_validate(learn, results[0], 2)
+    draws = [json.loads((rngs / f'rng{r}.json').read_text()) for r in (0, 1)]
+    for name, k in (('Python', 0), ('numpy', 1), ('torch', 2)):   # dropout masks, augmentation: not the same on every rank
+        assert all(a[k] != b[k] for a, b in zip(*draws)), f"ranks draw the same {name} random numbers: {draws}"
 
 def test_cli_refuses_group_writable_job_and_non_job_file(tmp_path):
     "Both fail before any group forms: exit code 2, one clear line (no torchrun needed)."
