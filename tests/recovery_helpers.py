@@ -39,6 +39,13 @@ class SlowEpochs(Callback):
         time.sleep(max(0., self.seconds - (time.monotonic() - self.t)))
         if os.environ['RANK'] == '0': Path(self.folder, f'done-{self.epoch}').write_text('done')
 
+class EpochsTrained(Callback):
+    "Rank 0 appends each epoch it trains (not one skipped on the way to `start_epoch`) to `folder/<fname>`, one a line."
+    def __init__(self, folder: str, fname: str): self.folder,self.fname = folder,fname
+    def before_train(self):
+        if os.environ['RANK'] == '0':
+            with open(Path(self.folder, self.fname), 'a') as f: f.write(f"{self.epoch}\n")
+
 def stuck_in_collective():
     "Rank 0 waits in an all_reduce that rank 1, asleep, never joins: a hang to diagnose."
     import torch, torch.distributed as dist

@@ -41,7 +41,7 @@ import app_helpers as ah
 import fastai_helpers as fh
 
 def _rows(learn) -> list[list[float]]:
-    "The recorder's rows as floats (validate() rewrites the last one in place: copy first)."
+    "The recorder's rows as floats (validate() replaces them with its own row: copy first)."
     return [[float(v) for v in r] for r in learn.recorder.values]
 
 def _exact_validate(learn, atol: float = 1e-4) -> list[float]:

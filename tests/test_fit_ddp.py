@@ -188,7 +188,7 @@ def test_tracker_and_logger_callbacks(tmp_path):
     assert fh.bitwise_equal(fh.params_of(learn.model), {k: v.cpu() for k, v in best.items()})
     best_epoch = int(np.argmax([r[1] for r in rows]))
     assert best_epoch == 0, f"valid_loss did not fall in epoch 1 ({rows}): the test premise fails"
-    rows = [[float(v) for v in r] for r in rows]    # validate() appends a row to the history: copy it first
+    rows = [[float(v) for v in r] for r in rows]    # validate() replaces the recorder's history: copy it first
     val = [float(v) for v in learn.validate()]
     assert np.allclose(val, rows[best_epoch][1:], atol=1e-4), (val, rows)
     assert not np.allclose(val, rows[-1][1:], atol=1e-4)
@@ -241,7 +241,7 @@ def test_ddp_one_cycle_schedule(tmp_path):
     lrs = np.array(rec.lrs)
     assert lrs[0] == pytest.approx(1e-2 / 25, rel=1e-3) and lrs.max() == pytest.approx(1e-2, rel=0.05)
     assert 0 < lrs.argmax() < steps // 2 and lrs[-1] < lrs.max() / 20, f"not a one-cycle schedule: {lrs}"
-    last = [float(v) for v in rec.values[-1]]      # validate() appends a row to the history: read it first
+    last = [float(v) for v in rec.values[-1]]      # validate() replaces the recorder's history: read it first
     assert np.allclose([float(v) for v in learn.validate()], last[1:], atol=1e-4)
 
 @pytest.mark.slow

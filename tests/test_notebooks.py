@@ -59,6 +59,26 @@ def test_error_cells_are_tagged_and_raise(path):
         raised = any(o.output_type == 'error' for o in c.outputs)
         assert raised == ('raises-exception' in c.metadata.get('tags', [])), f"{path.name}: {c.source[:80]!r}"
 
+def _pngs(nb) -> list[tuple]:
+    "(code cell number, RGB pixels as ints) of every committed PNG output."
+    import base64, io
+    import numpy as np
+    from PIL import Image
+    code = [c for c in nb.cells if c.cell_type == 'code']
+    return [(i, np.asarray(Image.open(io.BytesIO(base64.b64decode(o['data']['image/png']))).convert('RGB')).astype(int))
+            for i, c in enumerate(code) for o in c.outputs if 'image/png' in o.get('data', {})]
+
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_images_show_data(path):
+    """Every committed PNG shows data, not bare axes. matplotlib draws axes, ticks and text in black and grays and data
+    in the colour cycle: a plot's coloured pixels fill over 40% of the image's columns (lines across it; the colour
+    swatches of an empty plot's legend, 5%), or a picture (show_batch, show_results) is over 10% dark (bare axes: 1.3%)."""
+    nb = committed(path)
+    for i, im in _pngs(nb):
+        coloured_cols, dark = float(((im.max(-1) - im.min(-1)) > 50).any(0).mean()), float((im.max(-1) < 128).mean())
+        assert coloured_cols > 0.4 or dark > 0.1, (f"{path.name}, code cell {i} ({_source(nb, i).splitlines()[0][:60]!r}): "
+                                                   f"an image without data (coloured columns {coloured_cols:.1%}, dark {dark:.1%})")
+
 # ---------------------------------------------------------------- README and index agree
 
 def readme_section(title: str) -> str:

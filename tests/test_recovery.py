@@ -102,6 +102,49 @@ def test_interrupt_keeps_progress_and_start_epoch_goes_on(tmp_path):
     assert len(resumed['rows']) == 8 and all(len(r) == 3 for r in resumed['rows'])
     assert resumed['rows'][-1][1:] == pytest.approx(resumed['val'], abs=1e-4)
 
+RESUME_EXACT = '''
+import json, sys
+sys.path.insert(0, {tests!r})
+import mpify_fastai
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai_helpers import digits_dls_plain, max_abs_diff, mlp, params_of
+from recovery_helpers import EpochsTrained, SlowEpochs
+
+def learner():   # Adam (its moments must come back too), fixed data order, no dropout: two runs can agree exactly
+    return Learner(digits_dls_plain(256, 128, bs=32), mlp(), loss_func=CrossEntropyLossFlat())
+
+if __name__ == "__main__":
+    folder = sys.argv[1]
+    learn, whole = learner(), learner()
+    try: learn.ddp(nprocs=2).fit_one_cycle(6, 1e-2, cbs=[SlowEpochs(folder), EpochsTrained(folder, 'interrupted')])
+    except KeyboardInterrupt: pass
+    done = len(learn.recorder.values)
+    learn.ddp(nprocs=2).fit_one_cycle(6, 1e-2, start_epoch=done, cbs=EpochsTrained(folder, 'resumed'))
+    whole.ddp(nprocs=2).fit_one_cycle(6, 1e-2)
+    valid = lambda l: [float(r[1]) for r in l.recorder.values]
+    print("RESULT " + json.dumps(dict(done=done, diff=max_abs_diff(params_of(learn.model), params_of(whole.model)),
+                                      valid=valid(learn), valid_whole=valid(whole))), flush=True)
+'''
+
+def test_interrupted_and_resumed_fit_equals_an_uninterrupted_one(tmp_path):
+    "Ctrl-C after epoch 1 of fit_one_cycle(6), then start_epoch=k: epochs k..5 train, once each, and weights and valid losses equal an uninterrupted run's (1e-5)."
+    import json
+    p = _start_script(tmp_path, RESUME_EXACT)
+    try:
+        helpers.wait_for_files([tmp_path / 'done-1'], timeout=120, proc=p)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None: p.kill(); p.communicate()
+    assert p.returncode == 0, err[-3000:]
+    res = json.loads(out.split('RESULT ')[1].splitlines()[0])
+    k = res['done']
+    interrupted, resumed = ([int(e) for e in (tmp_path / n).read_text().split()] for n in ('interrupted', 'resumed'))
+    assert 2 <= k < 6 and interrupted[:k] == list(range(k)) and len(interrupted) <= k + 1, (k, interrupted)
+    assert resumed == list(range(k, 6)), (k, resumed)
+    assert res['diff'] < 1e-5 and res['valid'] == pytest.approx(res['valid_whole'], abs=1e-5), res
+
 def test_timeout_shows_where_every_rank_was():
     "timeout=5 on a hang: LaunchTimeout within 15 s, its message holds each rank's Python stack (rank 0 in all_reduce, rank 1 asleep in the user's function)."
     from mpify_fastai import LaunchTimeout, in_torchddp

@@ -27,7 +27,7 @@ from mpify_fastai.metrics import ADD, GROW, MetricTracker, accumulator_kinds
 from mpify_fastai.sharding import share_loader_workers, shard_dl, unshard_dl
 from mpify_fastai.errors import LaunchError
 from mpify_fastai.progress import BarStarted, BatchDone, EpochStarted, FitEnded, FitStarted, ProgressDisplay, RowLogged
-from mpify_fastai.recovery import EpochCheckpoint, merged_history
+from mpify_fastai.recovery import EpochCheckpoint, merged_history, resume_callbacks
 from mpify_fastai.state import apply_result, learner_result
 from mpify_fastai.training import is_rank0_only, worker_learner
 
@@ -397,6 +397,30 @@ def test_epoch_checkpoint_only_on_rank0(tmp_path, monkeypatch, rank, written):
     cb.after_epoch()
     assert p.exists() == written
     if written: assert torch.load(p, weights_only=False)['completed_epoch'] == 1
+
+class _CheckpointSeen(Callback):
+    "Right after EpochCheckpoint (order 70), each epoch end: (completed_epoch, rows) of the checkpoint file, or None."
+    order = 71
+    def __init__(self, path): self.path,self.seen = path,[]
+    def after_epoch(self):
+        ck = torch.load(self.path, weights_only=False) if self.path.exists() else None
+        self.seen.append(ck and (ck['completed_epoch'], len(ck['recorder']['values'])))
+
+@pytest.mark.parametrize('how', ['start_epoch', 'restart'])
+def test_first_epoch_after_a_resume_is_checkpointed(tmp_path, monkeypatch, how):
+    "A 4-epoch fit resumed after epochs 0-1 (the user's start_epoch=2, or a restart from their checkpoint) checkpoints epoch 2 at its end, with all 3 rows, then epoch 3."
+    monkeypatch.delenv('RANK', raising=False)
+    p = tmp_path / 'ck.pth'
+    learn = _small_sgd()
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2, 0.1, cbs=EpochCheckpoint(p))
+    ck = torch.load(p, weights_only=False)
+    p.unlink()
+    if how == 'restart': learn = _small_sgd()   # a relaunched worker's fresh Learner: resume_callbacks applies the checkpoint
+    kwargs, cbs = (resume_callbacks(learn, 'fit_one_cycle', {'start_epoch': 2}, p, history=ck['recorder']) if how == 'start_epoch'
+                   else resume_callbacks(learn, 'fit_one_cycle', {}, p, resumed=ck))
+    seen = _CheckpointSeen(p)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(4, 0.1, cbs=cbs + [seen], **kwargs)
+    assert kwargs['start_epoch'] == 2 and seen.seen == [None, None, (2, 3), (3, 4)]
 
 # ---------------------------------------------------------------- worker_learner
 
