@@ -73,10 +73,11 @@ def read_runs(folder, nprocs: int) -> list[dict]:
     return [json.loads(Path(folder, f'rank{r}.json').read_text()) for r in range(nprocs)]
 
 class EpochTimes(Callback):
-    """Rank 0 writes the wall time of every epoch to `path` (JSON list, seconds): from one epoch's start to the next
-    one's (the last: to the end of the fit), validation and per-epoch work included, queued GPU work finished."""
+    """Rank 0 writes the wall time of every epoch of the fits it joins (both of `fine_tune`'s) to `path` (JSON list,
+    seconds): from one epoch's start to the next one's (a fit's last: to its end), validation and per-epoch work
+    included, queued GPU work finished."""
     order = 100
-    def __init__(self, path): self.path = str(path)
+    def __init__(self, path): self.path, self.times = str(path), []
     def _mark(self):
         if self.dls.device is not None and torch.device(self.dls.device).type == 'cuda': torch.cuda.synchronize()
         self.marks.append(time.perf_counter())
@@ -84,7 +85,16 @@ class EpochTimes(Callback):
     def before_epoch(self): self._mark()
     def after_fit(self):
         self._mark()
-        if _rank() == 0: Path(self.path).write_text(json.dumps([b - a for a, b in zip(self.marks, self.marks[1:])]))
+        self.times += [b - a for a, b in zip(self.marks, self.marks[1:])]
+        if _rank() == 0: Path(self.path).write_text(json.dumps(self.times))
+
+class FirstBatch(Callback):
+    "Rank 0 writes the wall-clock time (`time.time()`) of the first training batch of the fits it joins to `path`."
+    def __init__(self, path): self.path, self.done = str(path), False
+    def before_batch(self):
+        if self.done or not self.training: return
+        self.done = True
+        if _rank() == 0: Path(self.path).write_text(json.dumps(time.time()))
 
 # ---------------------------------------------------------------- data and models
 

@@ -1,5 +1,6 @@
 """Write OUT/report.md for run.sh: each GPU test's outcome (from OUT/junit.xml), the device, and the throughput
-figure (OUT/throughput.json). Exits with pytest's status, or 3 when a GPU is here and a test was skipped anyway.
+figures (OUT/throughput.json, OUT/jpeg.json). Exits with pytest's status, or 3 when a GPU is here and a test was
+skipped anyway.
 Usage: python3 tests/gpu/report.py OUT PYTEST_STATUS SECONDS"""
 import json, sys
 import xml.etree.ElementTree as ET
@@ -42,6 +43,17 @@ def main(out: str, status: str, seconds: str) -> int:
                   'For bench/RESULTS.md:', '',
                   f"| GPU: `fit_ddp(nprocs=1)` vs local `fit`, {t['model']}, synthetic 3x32x32 | {t['device']} | "
                   f"{t['ratio']:.2f}x (median epoch {t['ddp_epoch_s'] * 1e3:.0f} vs {t['local_epoch_s'] * 1e3:.0f} ms) |", '']
+    if (out / 'jpeg.json').exists():
+        j = json.loads((out / 'jpeg.json').read_text())
+        what = f"{j['model']}{', fp16' if j['fp16'] else ''}, {j['files']} JPEG files of {j['size']}x{j['size']}"
+        lines += ['## JPEG pipeline', '', f"learn.ddp(nprocs=1).fine_tune({j['fine_tune_epochs']}) at {j['ratio']:.3f}x a local one on "
+                  f"{j['device']} (floor {j['floor']}): median epoch 2+ {j['ddp_epoch_s']:.2f} s against {j['local_epoch_s']:.2f} s; "
+                  f"first training batch {j['ddp_first_batch_s']:.2f} s after the call against {j['local_first_batch_s']:.2f} s; "
+                  f"{what}, bs {j['batch_size']}, loader workers: {j['loader_workers']} (files written in {j['generate_s']} s).", '',
+                  'For bench/RESULTS.md:', '',
+                  f"| GPU: `learn.ddp(nprocs=1).fine_tune` vs local, {what} | {j['device']} | {j['ratio']:.2f}x (median epoch "
+                  f"{j['ddp_epoch_s']:.2f} vs {j['local_epoch_s']:.2f} s; first batch {j['ddp_first_batch_s']:.2f} vs "
+                  f"{j['local_first_batch_s']:.2f} s after the call) |", '']
     (out / 'report.md').write_text('\n'.join(lines))
     print('\n'.join(lines))
     return code

@@ -3,8 +3,8 @@
 # Where fastai, multiprocess, nbclient or ipykernel is missing (the GPU image has none), installs the wheels of .whl/
 # (made beforehand by tests/gpu/fetch_wheels.sh where a package index is reachable; WHEELS=DIR to take them from DIR)
 # into /tmp/site. Runs pytest on tests/gpu and tests/test_gpu_readiness.py from this checkout, installed or not, and
-# writes OUT_DIR/report.md (each test's outcome, the device, the throughput figure) beside log.txt, junit.xml and
-# throughput.json. Exit status: pytest's; 3 if a GPU is here but tests were skipped; 2 for a bad start.
+# writes OUT_DIR/report.md (each test's outcome, the device, the throughput figures) beside log.txt, junit.xml,
+# throughput.json and jpeg.json. Exit status: pytest's; 3 if a GPU is here but tests were skipped; 2 for a bad start.
 set -u
 cd "$(dirname "$0")/../.."
 [ -n "${1:-${OUT:-}}" ] || { echo "usage: bash tests/gpu/run.sh OUT_DIR (or set OUT)"; exit 2; }
@@ -20,7 +20,7 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 echo "packages ready in $((SECONDS - start)) s" | tee "$out/log.txt"
 export PYTHONUNBUFFERED=1 MPIFY_GPU_REPORT_DIR=$out
-timeout -k 10 330 python3 -m pytest tests/gpu tests/test_gpu_readiness.py -rA --timeout=150 --junitxml="$out/junit.xml" 2>&1 \
+timeout -k 10 480 python3 -m pytest tests/gpu tests/test_gpu_readiness.py -rA --timeout=150 --junitxml="$out/junit.xml" 2>&1 \
   | tee -a "$out/log.txt"
 status=${PIPESTATUS[0]}
 python3 tests/gpu/report.py "$out" "$status" "$((SECONDS - start))"
