@@ -77,12 +77,20 @@ def task_launch_ours(later: int, spawn: int, torch_spawn: int, fastai_spawn: int
         assert res == [1, 1], res
         return s
     out['first_s'] = run(f)
+    out['server_wait_s'] = wait_for_warm_server()   # a call made while the server starts runs on spawn: "later" means after
     out['later_s'] = [run(f) for _ in range(later)]
     out['spawn_s'] = [run(f, start_method='spawn') for _ in range(spawn)]
     out['torch_spawn_s'] = [timed(start_processes, trivial_rank, nprocs=2, start_method='spawn')[0] for _ in range(torch_spawn)]
     out['warm_fastai_s'] = [run(g) for _ in range(min(1, fastai_spawn))]
     out['spawn_fastai_s'] = [run(g, start_method='spawn') for _ in range(fastai_spawn)]
     return out
+
+def wait_for_warm_server(limit: float = 120.) -> float:
+    "Seconds until the warm server that `import mpify_fastai` started has finished its imports (a notebook's later cells)."
+    from mpify_fastai.warm import warm_ready
+    t = time.perf_counter()
+    while not warm_ready() and time.perf_counter() - t < limit: time.sleep(0.05)
+    return time.perf_counter() - t
 
 def task_launch_accelerate(calls: int) -> dict:
     "accelerate's `notebook_launcher(f, num_processes=2)` (fork) in a fresh notebook-like process that never touched CUDA."
