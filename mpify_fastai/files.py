@@ -2,12 +2,12 @@
 or job); files with no name at all, freed with the last process that holds them (a call's data in /dev/shm); and private
 folders named after their process, swept once that process is gone (even SIGKILLed)."""
 from __future__ import annotations
-import os, shutil, tempfile
+import os, shutil, tempfile, time
 from pathlib import Path
 from typing import BinaryIO, Callable
-from .procfs import pid_alive
+from .procfs import pid_alive, process_state
 
-__all__ = ['atomic_write', 'owned_tempdir', 'sweep_dead_dirs', 'shm_root', 'AnonymousFile']
+__all__ = ['atomic_write', 'owned_tempdir', 'sweep_dead_dirs', 'sweep_torch_shm', 'shm_root', 'AnonymousFile']
 
 _PREFIX = 'mpify-'
 
@@ -19,6 +19,33 @@ def sweep_dead_dirs(root: str) -> None:
         pid = n[len(_PREFIX):].split('-')[0]
         if n.startswith(_PREFIX) and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+
+def _pgid(pid: int) -> int | None:
+    "The process group of `pid`, or None when it is gone."
+    try: return os.getpgid(pid)
+    except OSError: return None
+
+def sweep_torch_shm(since: float, groups=(), wait: float = 2.0, root: str = '/dev/shm') -> list[str]:
+    """Remove torch's shared-memory files (`torch_<pid>_*`) made since `since` (`time.time()`) by processes now gone, and
+    return them: torch names such a file before it sizes and unlinks it, and leaves it when that fails (a full /dev/shm)
+    or its process is killed in between. A maker still in one of the process `groups` (a stopped worker's, being
+    killed) is waited for, up to `wait` seconds."""
+    out, deadline = [], time.monotonic() + wait
+    try: names = os.listdir(root)
+    except OSError: return out
+    for n in names:
+        pid = n.split('_')[1] if n.count('_') >= 2 else ''
+        if not (n.startswith('torch_') and pid.isdigit()): continue
+        path = os.path.join(root, n)
+        try: st = os.stat(path)
+        except OSError: continue
+        if st.st_uid != os.getuid() or st.st_ctime < since - 1: continue
+        while process_state(int(pid)) not in (None, 'Z', 'X') and _pgid(int(pid)) in groups and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if process_state(int(pid)) in (None, 'Z', 'X'):
+            try: os.unlink(path); out.append(path)
+            except OSError: pass
+    return out
 
 def owned_tempdir(kind: str, root: str | None = None) -> str:
     "A new private folder `mpify-<this pid>-<kind>-*` in `root` (default: the temp folder), once dead callers' are swept."

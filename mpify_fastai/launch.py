@@ -16,7 +16,7 @@ from multiprocess.connection import wait
 from ._private import in_spawn_bootstrap, skip_missing_main_path
 from .errors import (ArgumentError, ArgumentTypeError, LaunchTimeout, MainGuardError, NeedError, PayloadError, WorkerDied,
                      WorkerError, surfaces_errors)
-from .files import AnonymousFile, shm_root
+from .files import AnonymousFile, shm_root, sweep_torch_shm
 from .imports import parse_imports
 from .procfs import process_group_members
 from .serialize import Payload, check_call, dumps, loads
@@ -141,8 +141,8 @@ def _context(start_method: str, light: bool):
     return warm_context()
 
 def _report_stacks(e: BaseException, procs: list, stacks: list[AnonymousFile], wait: float = 2.0):
-    """Where every live rank was when a launch timed out or was interrupted: their Python stacks, in the timeout's
-    message (`e.stacks` too), or printed on an interrupt, so a rank stuck in a collective or a DataLoader shows."""
+    """Where every live rank was when a launch timed out, or was interrupted and a rank did not stop within the grace:
+    their Python stacks, in the timeout's message (`e.stacks` too) or printed, so a rank stuck in a collective shows."""
     live = {r: p for r, p in enumerate(procs) if p.exitcode is None}
     for p in live.values():
         try: os.kill(p.pid, STACKS_SIGNAL)
@@ -155,10 +155,12 @@ def _report_stacks(e: BaseException, procs: list, stacks: list[AnonymousFile], w
     e.stacks = '\n\n'.join(f"--- where rank {r} was ---\n{read(f)}" for r, f in files.items())
     if not e.stacks: return
     if isinstance(e, LaunchTimeout): e.args = (f"{e.args[0]}\n\n{e.stacks}",)
-    else: print(f"mpify_fastai: interrupted; where each rank was:\n{e.stacks}", file=sys.stderr, flush=True)
+    else: print(f"mpify_fastai: interrupted; a rank did not stop within {_STOP_GRACE} s; where each was:\n{e.stacks}",
+                file=sys.stderr, flush=True)
 
-def _stop_workers(procs: list):
-    "Stop every worker and everything it started: SIGTERM, a short grace, SIGKILL; reap them all."
+def _stop_workers(procs: list, on_stuck: Callable[[], None] | None = None):
+    """Stop every worker and everything it started: SIGTERM, a short grace, SIGKILL; reap them all. `on_stuck()` runs
+    before the SIGKILL when a worker is still alive after the grace."""
     alive = [p for p in procs if p.exitcode is None]
     for p in alive:
         try: os.killpg(p.pid, signal.SIGTERM)
@@ -167,6 +169,7 @@ def _stop_workers(procs: list):
             except Exception: pass
     deadline = time.monotonic() + _STOP_GRACE
     for p in alive: p.join(max(0, deadline - time.monotonic()))
+    if on_stuck is not None and any(p.exitcode is None for p in procs): on_stuck()
     for p in procs:
         for pid in process_group_members(p.pid):
             try: os.kill(pid, signal.SIGKILL)
@@ -245,6 +248,7 @@ def launch(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = No
             fn, args = run_in_context, (ctx, fn) + tuple(args)
         kwargs, need = kwargs or {}, options.need_globals
         payload = _ship(Call(fn, tuple(args), kwargs), need, arg_names)
+        started = time.time()   # torch's /dev/shm files that a failed worker leaves are the ones made since
         procs, conns, files = [], [], [payload]   # the call's files have no name: they go with the last process holding them
         try:
             world = {'WORLD_SIZE': str(nprocs), 'LOCAL_WORLD_SIZE': str(nprocs)}
@@ -269,9 +273,11 @@ def launch(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = No
             collected = _Collector(nprocs, on_output or _default_output(options.output), on_event)
             _supervise(collected, procs, conns, options.timeout)
             if context is None and options.start_method == 'warm' and forkserver: mark_ready()
-        except BaseException as e:
-            if isinstance(e, (LaunchTimeout, KeyboardInterrupt)) and procs: _report_stacks(e, procs, stacks)
-            _stop_workers(procs)
+        except BaseException as e:   # stacks show where ranks were on a timeout, or on an interrupt they outlast
+            if isinstance(e, LaunchTimeout) and procs: _report_stacks(e, procs, stacks)
+            stuck = (lambda: _report_stacks(e, procs, stacks)) if isinstance(e, KeyboardInterrupt) else None
+            _stop_workers(procs, on_stuck=stuck)
+            sweep_torch_shm(started, [p.pid for p in procs])
             raise
         finally:
             for c in conns: c.close()

@@ -1,13 +1,15 @@
 """A Learner's trained state between processes: what rank 0 sends home (`learner_result`) and how it lands on a Learner
 (`apply_result`): weights, recorder history, optimizer state, which parameters are frozen, the epoch counters."""
 from __future__ import annotations
+import signal, sys, threading
+from contextlib import contextmanager
 import torch
 from fastai.learner import Learner
 from fastcore.foundation import L
 from torch.nn.parallel import DistributedDataParallel
 from .errors import LaunchError
 
-__all__ = ['learner_result', 'apply_result', 'recorder_history', 'opt_state_to']
+__all__ = ['learner_result', 'apply_result', 'interrupts_deferred', 'recorder_history', 'opt_state_to']
 
 def learner_result(learn: Learner) -> dict:
     "What rank 0 sends home: weights (CPU), recorder history, optimizer state and epoch counters."
@@ -25,13 +27,31 @@ def learner_result(learn: Learner) -> dict:
                 epoch=getattr(learn, 'epoch', 0), n_epoch=getattr(learn, 'n_epoch', 0),
                 final_record=getattr(learn, 'final_record', None))
 
+@contextmanager
+def interrupts_deferred():
+    """An interrupt (SIGINT: Ctrl-C, a kernel interrupt) that arrives inside the block waits for its end, then is raised:
+    the block is never left half done. In the main thread only (elsewhere signals do not arrive)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None: yield; return
+    got = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try: yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if got:
+            print("mpify_fastai: interrupted while the result was applied; it is applied whole", file=sys.stderr, flush=True)
+            signal.raise_signal(signal.SIGINT)   # to the handler it was meant for
+
 def apply_result(learn: Learner, res: dict) -> None:
     """Load a `learner_result` into `learn`: weights into its model on its device, history into its recorder, optimizer
-    state, and which parameters are frozen (a `fine_tune` ends unfrozen)."""
+    state, and which parameters are frozen (a `fine_tune` ends unfrozen). All of it or, if it does not fit, none of it:
+    an interrupt meanwhile is raised once it is applied whole."""
     sd = res['state_dict']
     own = learn.model.state_dict()
     bad = [k for k in own if k not in sd or own[k].shape != sd[k].shape] + [k for k in sd if k not in own]
     if bad: raise LaunchError(f"the trained weights do not fit this Learner's model (mismatched keys: {bad[:5]})")
+    with interrupts_deferred(): _apply(learn, res, sd)
+
+def _apply(learn: Learner, res: dict, sd: dict) -> None:
     learn.model.load_state_dict(sd)
     if getattr(learn, 'dls', None) is not None: learn.model.to(learn.dls.device)   # where a local fit leaves it
     rec = learn.recorder

@@ -359,17 +359,18 @@ import sys
 from mpify_fastai import ranch
 from helpers import children_of, mp_helper_pids
 
-def sleeper(folder):
-    import os, time
+def sleeper(folder, stubborn=False):
+    import os, signal, time
+    if stubborn and os.environ['RANK'] == '1': signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with open(os.path.join(folder, 'pid-' + os.environ['RANK']), 'w') as f: f.write(str(os.getpid()))
     time.sleep(60)
     return 'woke up'
 
 if __name__ == "__main__":
-    folder, method = sys.argv[1], sys.argv[2]
+    folder, method, stubborn = sys.argv[1], sys.argv[2], sys.argv[3:] == ['stubborn']
     kw = {} if method == 'default' else {'start_method': method}
     try:
-        ranch(2, sleeper, folder, **kw)
+        ranch(2, sleeper, folder, stubborn, **kw)
     except KeyboardInterrupt:
         kept = mp_helper_pids()   # the fork server and resource tracker stay on purpose
         left = [(c['pid'], c['cmdline']) for c in children_of() if c['pid'] not in kept]
@@ -384,12 +385,12 @@ PR_SET_CHILD_SUBREAPER = 36
 def _set_subreaper(on: bool):
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
 
-def _start_caller(tmp_path, method='default', new_session=False):
+def _start_caller(tmp_path, method='default', new_session=False, *extra):
     script = tmp_path / 'caller.py'
     script.write_text(CALLER)
     folder = tmp_path / 'pids'
     folder.mkdir()
-    proc = subprocess.Popen([sys.executable, str(script), str(folder), method], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, str(script), str(folder), method, *extra], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=helpers.subprocess_env(), cwd=str(tmp_path),
                             start_new_session=new_session)
     pids = [int(s) for s in helpers.wait_for_files([folder / 'pid-0', folder / 'pid-1'], timeout=60, proc=proc)]
@@ -446,4 +447,16 @@ def test_keyboard_interrupt_in_caller(tmp_path, target, method):
     assert proc.returncode == 0 and took < 5
     assert [helpers.proc_state(p) for p in pids] == [None, None]
     assert 'Traceback' not in err, err    # workers were not interrupted into printing tracebacks
+    assert 'where each was' not in err and 'Thread 0x' not in err, err   # stopped within the grace: no stacks
     assert helpers.scratch_of(proc.pid) == []
+
+def test_interrupt_shows_stacks_of_a_rank_that_does_not_stop(tmp_path):
+    "A rank that ignores SIGTERM outlasts the grace after Ctrl-C: every live rank's stack is printed, then it is killed."
+    proc, pids = _start_caller(tmp_path, 'default', False, 'stubborn')
+    time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGINT)
+    try: out, err = proc.communicate(timeout=15)
+    finally: helpers.kill_quietly([proc.pid] + [p for p in pids if helpers.alive(p)])
+    assert out.strip() == 'KeyboardInterrupt raised; left: []', (out, err)
+    assert 'a rank did not stop within' in err and '--- where rank 1 was ---' in err and 'in sleeper' in err, err
+    assert [helpers.proc_state(p) for p in pids] == [None, None]
