@@ -10,6 +10,6 @@ setup(
     name=cfg['lib_name'], version=cfg['version'], description=cfg['description'], author=cfg['author'],
     license=cfg['license'], keywords=cfg['keywords'].split(), python_requires=f">={cfg['min_python']}",
     packages=find_packages(include=[cfg['lib_name'], f"{cfg['lib_name']}.*"]),
-    install_requires=cfg['requirements'].split(), extras_require={'dev': cfg['dev_requirements'].split()},
+    install_requires=cfg['requirements'].split(), extras_require={'dev': cfg['dev_requirements'].split(), 'slurm': cfg['slurm_requirements'].split()},
     long_description=open('README.md').read(), long_description_content_type='text/markdown',
 )

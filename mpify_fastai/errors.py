@@ -5,7 +5,7 @@ import functools, os, traceback
 from typing import Callable
 
 __all__ = ['UsageError', 'ArgumentError', 'ArgumentTypeError', 'NeedError', 'LaunchError', 'WorkerError', 'WorkerDied',
-           'LaunchTimeout', 'MainGuardError', 'PayloadError', 'surfaces_errors', 'user_frames']
+           'LaunchTimeout', 'MainGuardError', 'PayloadError', 'surfaces_errors', 'user_frames', 'user_traceback']
 
 class UsageError(Exception):
     "Base of the errors about what the user passed or wrote, raised before any worker starts."
@@ -62,6 +62,14 @@ def user_frames(tb: traceback.StackSummary | list) -> list:
     frames = list(tb)
     first = next((i for i, f in enumerate(frames) if not os.path.abspath(f.filename).startswith(_PACKAGE)), None)
     return frames[first:] if first is not None else frames[-1:]
+
+def user_traceback(e: BaseException) -> str:
+    "`e`'s traceback as `traceback.format_exc` gives it, each exception's frames from the user's code down."
+    te = t = traceback.TracebackException.from_exception(e)
+    while t is not None:
+        t.stack = traceback.StackSummary.from_list(user_frames(t.stack))
+        t = t.__cause__ or (None if t.__suppress_context__ else t.__context__)
+    return ''.join(te.format())
 
 def surfaces_errors(fn: Callable) -> Callable:
     """Wrap a public entry point so that its usage and launch errors show the user's line and the message: the library's

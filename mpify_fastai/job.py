@@ -19,10 +19,11 @@ from .group import TorchDDPCtx, rank_world
 from .imports import run_imports
 from .jobfile import JobFileError, check_job_file, check_result_path, job_digest
 from .launch import LaunchOptions
+from .progress import EventLog, FitResumed, ProgressEvents
 from .recovery import resumable_checkpoint, resume_callbacks
 from .serialize import dumps, loads
 from .state import apply_result, learner_result
-from .training import SCHEDULES, DDPJob, DDPOptions, call_arguments, fit_distributed, worker_learner
+from .training import DRAWN_BY_CALLER, SCHEDULES, DDPJob, DDPOptions, call_arguments, fit_distributed, worker_learner
 
 __all__ = ['save_job', 'load_ddp_job', 'run_job']
 
@@ -52,23 +53,28 @@ def load_ddp_job(path: str | os.PathLike) -> tuple[DDPJob, str]:
     if not isinstance(job, DDPJob): raise JobFileError(f"{path} holds no mpify_fastai job")
     return job, job_digest(data)
 
-def run_job(path: str | os.PathLike, result: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> None:
-    """Worker side, one process per rank under torchrun: train the job, rank 0 writes `result` atomically.
-    Resumes from `checkpoint` (default `<result>.ckpt`) when a restarted group finds one."""
+def run_job(path: str | os.PathLike, result: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+            events: str | os.PathLike | None = None, attempt: int = 0) -> None:
+    """Worker side, one process per rank (under torchrun, or a SLURM job's tasks): train the job, rank 0 writes `result`
+    atomically. Resumes from `checkpoint` (default `<result>.ckpt`) when a restarted group finds one. With `events`,
+    rank 0 appends its progress there (`EventLog`) for the caller's table instead of printing it."""
     import torch, torch.distributed as dist
     result = check_result_path(result)
     checkpoint = Path(checkpoint) if checkpoint else result.with_name(result.name + '.ckpt')
     job, digest = load_ddp_job(path)
     with TorchDDPCtx():
         rank, world = rank_world()
-        learn, kwargs = worker_learner(job.source, job.kwargs)
+        learn, kwargs = worker_learner(job.source, job.kwargs, rank0_drops=DRAWN_BY_CALLER if events else ())
         state = [resumable_checkpoint(checkpoint, job.method, digest) if rank == 0 else None]
         if world > 1: dist.broadcast_object_list(state, 0)
         resumed = state[0]
+        log = EventLog(events) if events and rank == 0 else None
         if resumed is not None and rank == 0:
             print(f"mpify_fastai: resuming from {checkpoint} after epoch {resumed['completed_epoch']}", flush=True)
-        kwargs, cbs = resume_callbacks(learn, job.method, kwargs, checkpoint, resumed, job_digest=digest)
-        fit_distributed(learn, job.method, job.args, kwargs, job.ddp, cbs=cbs)
+            if log: log.append(FitResumed(resumed['completed_epoch'] + 1, attempt))
+        kwargs, cbs = resume_callbacks(learn, job.method, kwargs, checkpoint, resumed, job.history, job_digest=digest)
+        lead = [ProgressEvents(log.append)] if log else []
+        fit_distributed(learn, job.method, job.args, kwargs, job.ddp, cbs=cbs + lead, lead=lead)
         if rank == 0:
             atomic_write(result, lambda f: torch.save(learner_result(learn), f))
             checkpoint.unlink(missing_ok=True)

@@ -20,7 +20,7 @@ from .inference import INFERENCE, infer_in_worker, merge_shards
 from .launch import LaunchOptions, OptionRecord, check_nprocs, launch, with_options
 from .progress import ProgressDisplay
 from .recovery import keep_checkpoint, last_checkpoint, stopped_at_checkpoint, with_restarts
-from .state import apply_result, recorder_history
+from .state import apply_result, interrupts_deferred, recorder_history
 from .training import (SCHEDULES, SHOW_GRAPH, DDPJob, DDPOptions, call_arguments, find_lr_in_worker, is_callback_of,
                        train_in_worker)
 
@@ -64,15 +64,21 @@ class DDPMethods:
     each rank predicts its shard, the result comes back as a local call returns it) or `.lr_find` (the Learner's
     weights stay as they were; its recorder gets the lrs and losses). Each takes the Learner method's own arguments."""
     def __init__(self, learn: Learner, nprocs: int | None = None, factory: Callable | None = None, sync_bn: bool = True,
-                 ddp_kwargs: dict | None = None, **options):
+                 ddp_kwargs: dict | None = None, executor=None, wait: bool = True, **options):
         if factory is not None and not callable(factory):
             raise ArgumentTypeError("factory must be a zero-argument function that returns a Learner")
-        self.learn,self.factory,self.nprocs = learn,factory,_default_nprocs(nprocs)
+        if executor is not None and nprocs is not None:
+            raise ArgumentError("nprocs and executor= exclude each other: the executor's SLURM tasks are the ranks")
+        self.learn,self.factory,self.executor,self.wait = learn,factory,executor,wait
+        self.nprocs = None if executor is not None else _default_nprocs(nprocs)
         self.ddp = DDPOptions(sync_bn, ddp_kwargs)
         self.launch_options, self.group, self.fit_options = (r.take(options) for r in _OPTION_RECORDS)
         if options:
             known = [f.name for r in _OPTION_RECORDS for f in fields(r)]
             raise ArgumentTypeError(f"unexpected launch option(s): {', '.join(sorted(options))}; known: {', '.join(known)}")
+        if executor is not None and self.fit_options.max_restarts:
+            raise ArgumentError("max_restarts= relaunches local workers; under executor= SLURM requeues the job (preemption, "
+                                "scontrol requeue) and it goes on from its last completed epoch: drop max_restarts")
 
     @property
     def source(self) -> Learner | Callable[[], Learner]: return self.factory or self.learn
@@ -84,42 +90,54 @@ class DDPMethods:
     def _run(self, method: str, args: tuple, kwargs: dict):
         "Run `Learner.<method>(*args, **kwargs)` under DDP, its arguments checked here, before any worker starts."
         params = call_arguments(method, args, kwargs)
+        if self.executor is not None: return self._submit(method, args, kwargs)
         if method in SCHEDULES:
-            return apply_result(self.learn, self._train(DDPJob(self.source, method, args, kwargs, self.ddp,
-                                                               progress=self.fit_options.progress)))
+            return self._train(DDPJob(self.source, method, args, kwargs, self.ddp, progress=self.fit_options.progress))
         res = self._launch(find_lr_in_worker if method == 'lr_find' else infer_in_worker,
                            DDPJob(self.source, method, kwargs=params, ddp=self.ddp), gather='all' if method in
                            ('get_preds', 'tta') else 0)
         if method == 'lr_find': return self._found_lrs(res, params)
         return res if method == 'validate' else merge_shards(res)
 
+    def _submit(self, method: str, args: tuple, kwargs: dict):
+        "A schedule as one job of the submitit executor (`slurm`): applied here when it ends, or its `SlurmRun` if not `wait`."
+        from .slurm import submit_job
+        if method not in SCHEDULES: raise ArgumentError(f"learn.ddp(executor=...) runs the schedules {', '.join(SCHEDULES)}; not {method}")
+        job = DDPJob(self.source, method, args, kwargs, self.ddp, progress=self.fit_options.progress)
+        if 'values' in vars(self.learn.recorder): job.history = recorder_history(self.learn.recorder)   # start_epoch= keeps its rows
+        return submit_job(self.learn, job, self.executor, self.wait, self.launch_options.need, self.launch_options.imports)
+
     def _launch(self, worker: Callable, job: DDPJob, gather, on_event: Callable | None = None):
         return launch(self.nprocs, worker, kwargs={'job': job}, options=self.launch_options, gather=gather,
                       ctx=self.group.group(), on_event=on_event,
                       arg_names={'learn' if job.source is self.learn else 'factory': job.source})
 
-    def _train(self, job: DDPJob) -> dict:
+    def _train(self, job: DDPJob) -> None:
         """Run the fit `job`, drawing rank 0's progress here, restarting from the last completed epoch up to `max_restarts`
-        times; return rank 0's result (nothing applied yet). On an interrupt the Learner gets the last completed
-        epoch; on a failure it is untouched and the error keeps that epoch's checkpoint."""
-        learn = self.learn
+        times, and apply rank 0's result to the Learner: whole, even if an interrupt comes as it ends (raised after). On an
+        interrupt during the fit the Learner gets the last completed epoch; on a failure it is untouched and the error
+        keeps that epoch's checkpoint."""
+        learn, res = self.learn, None
         ckdir = owned_tempdir('ckpt')
-        job.checkpoint = os.path.join(ckdir, 'last_epoch.pth')
-        cbs = L(learn.cbs) + L(job.kwargs.get('cbs'))
-        display = ProgressDisplay(graph=any(is_callback_of(cb, (SHOW_GRAPH,)) for cb in cbs))
-        if 'values' in vars(learn.recorder): job.history = recorder_history(learn.recorder)   # start_epoch= keeps its rows
-        def attempt(resumed: dict | None, restart: int) -> dict:
-            return self._launch(train_in_worker, replace(job, resumed=resumed, restart=restart), gather=0, on_event=display)
-        try: return with_restarts(attempt, job.checkpoint, job.method, self.fit_options.max_restarts, display.restarting)
-        except KeyboardInterrupt:
-            stopped_at_checkpoint(learn, last_checkpoint(job.checkpoint), job.method, job.args)
-            raise
-        except LaunchError as e:
-            keep_checkpoint(e, job.checkpoint)
-            raise
-        finally:
-            display.close()
-            shutil.rmtree(ckdir, ignore_errors=True)
+        try:
+            job.checkpoint = os.path.join(ckdir, 'last_epoch.pth')
+            cbs = L(learn.cbs) + L(job.kwargs.get('cbs'))
+            display = ProgressDisplay(graph=any(is_callback_of(cb, (SHOW_GRAPH,)) for cb in cbs))
+            if 'values' in vars(learn.recorder): job.history = recorder_history(learn.recorder)   # start_epoch= keeps its rows
+            def attempt(resumed: dict | None, restart: int) -> dict:
+                return self._launch(train_in_worker, replace(job, resumed=resumed, restart=restart), gather=0, on_event=display)
+            try: res = with_restarts(attempt, job.checkpoint, job.method, self.fit_options.max_restarts, display.restarting)
+            except KeyboardInterrupt:
+                stopped_at_checkpoint(learn, last_checkpoint(job.checkpoint), job.method, job.args)
+                raise
+            except LaunchError as e:
+                keep_checkpoint(e, job.checkpoint)
+                raise
+            finally:
+                with interrupts_deferred():   # a finished fit is never thrown away for an interrupt at its very end
+                    display.close()
+                    if res is not None: apply_result(learn, res)
+        finally: shutil.rmtree(ckdir, ignore_errors=True)
 
     def _found_lrs(self, res: dict, params: dict):
         rec = self.learn.recorder
@@ -143,9 +161,10 @@ for _name in METHODS: setattr(DDPMethods, _name, _ddp_method(_name))
 @surfaces_errors
 @with_options(*_OPTION_RECORDS)
 def learner_ddp(self: Learner, nprocs: int | None = None, factory: Callable | None = None, sync_bn: bool = True,
-                ddp_kwargs: dict | None = None, **options) -> DDPMethods:
-    "Run the next call under DDP on `nprocs` workers, e.g. `learn.ddp(nprocs=2).fine_tune(3)` or `.get_preds()`."
-    return DDPMethods(self, nprocs, factory, sync_bn, ddp_kwargs, **options)
+                ddp_kwargs: dict | None = None, executor=None, wait: bool = True, **options) -> DDPMethods:
+    """Run the next call under DDP on `nprocs` workers, e.g. `learn.ddp(nprocs=2).fine_tune(3)` or `.get_preds()`; with a
+    submitit `executor`, a schedule runs as one SLURM job (`wait=False`: its `SlurmRun` at once)."""
+    return DDPMethods(self, nprocs, factory, sync_bn, ddp_kwargs, executor, wait, **options)
 patch_to(Learner, nm='ddp')(learner_ddp)
 
 @surfaces_errors

@@ -4,13 +4,14 @@ In Jupyter the caller's fastprogress renders the same live HTML bars and metrics
 in a terminal, the console version. Workers never draw anything themselves.
 """
 from __future__ import annotations
-import time
+import os, pickle, struct, time
 from dataclasses import dataclass
+from typing import Callable
 from fastai.callback.core import Callback
 from .worker import send_event
 
-__all__ = ['ProgressEvents', 'ProgressDisplay', 'FitStarted', 'EpochStarted', 'BarStarted', 'BatchDone', 'RowLogged',
-           'FitEnded']
+__all__ = ['ProgressEvents', 'ProgressDisplay', 'EventLog', 'FitStarted', 'EpochStarted', 'BarStarted', 'BatchDone',
+           'RowLogged', 'FitEnded', 'FitResumed']
 
 _BATCH_EVERY = 0.2   # seconds between batch updates sent from the worker
 
@@ -50,31 +51,58 @@ class RowLogged:
 class FitEnded:
     "The fit is over."
 
+@dataclass(frozen=True)
+class FitResumed:
+    "A restarted attempt (`attempt`: 1 for the first restart) goes on from `epoch`, in the same table."
+    epoch: int
+    attempt: int
+
+class EventLog:
+    """Progress events through a file (a job's folder, shared by a cluster's nodes): rank 0 `append`s, the caller
+    `read`s what is new. Each event is one length-prefixed pickle written with one `write`, so a reader never takes half."""
+    def __init__(self, path: str | os.PathLike): self.path,self.offset = os.fspath(path),0
+    def append(self, event) -> None:
+        data = pickle.dumps(event)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try: os.write(fd, struct.pack('<Q', len(data)) + data)
+        finally: os.close(fd)
+    def read(self) -> list:
+        "The events appended since the last `read`."
+        try:
+            with open(self.path, 'rb') as f: f.seek(self.offset); data = f.read()
+        except FileNotFoundError: return []
+        out, i = [], 0
+        while i + 8 <= len(data) and i + 8 + (n := struct.unpack_from('<Q', data, i)[0]) <= len(data):
+            out.append(pickle.loads(data[i + 8:i + 8 + n])); i += 8 + n
+        self.offset += i
+        return out
+
 class ProgressEvents(Callback):
-    "Rank 0's stand-in for `ProgressCallback`: sends what it would draw to the caller."
+    "Rank 0's stand-in for `ProgressCallback`: sends what it would draw to the caller (with `send`: `send_event`, or `EventLog.append`)."
     order = 60
+    def __init__(self, send: Callable = send_event): self.send = send
     def before_fit(self):
         self.old_logger, self.learn.logger, self.sent = self.learn.logger, self._row, 0
-        send_event(FitStarted(self.n_epoch, _fmt(self.recorder.metric_names)))
-    def before_epoch(self): send_event(EpochStarted(self.epoch))
+        self.send(FitStarted(self.n_epoch, _fmt(self.recorder.metric_names)))
+    def before_epoch(self): self.send(EpochStarted(self.epoch))
     def before_train(self): self._bar()
     def before_validate(self): self._bar()
     def _bar(self):
         self.last = 0.
-        send_event(BarStarted(len(self.dl)))
+        self.send(BarStarted(len(self.dl)))
     def after_batch(self):
         now = time.monotonic()
         if now - self.last >= _BATCH_EVERY or self.iter + 1 == self.n_iter:
             self.last = now
             loss = float(self.smooth_loss) if self.training and hasattr(self, 'smooth_loss') else None
-            send_event(BatchDone(self.iter + 1, loss))
+            self.send(BatchDone(self.iter + 1, loss))
     def _row(self, log):
         rec = self.recorder
         new, self.sent = [float(l) for l in rec.losses[self.sent:]], len(rec.losses)
-        send_event(RowLogged(_fmt(log), new, float(rec.values[-1][1]) if rec.values and len(rec.values[-1]) > 1 else None))
+        self.send(RowLogged(_fmt(log), new, float(rec.values[-1][1]) if rec.values and len(rec.values[-1]) > 1 else None))
     def after_fit(self):
         self.learn.logger = self.old_logger
-        send_event(FitEnded())
+        self.send(FitEnded())
 
 class ProgressDisplay:
     """Caller side: turns rank 0's progress events into a fastprogress master bar and table (HTML in Jupyter),

@@ -6,10 +6,10 @@ It dies with its caller (parent-death signal plus a watchdog on the pipe), runs 
 caller's Ctrl-C reaches only the caller, and keeps a result's segment file until the caller acks it.
 """
 from __future__ import annotations
-import ctypes, errno, faulthandler, os, random, signal, sys, threading, traceback, warnings
+import ctypes, errno, faulthandler, os, random, signal, sys, threading, warnings
 from dataclasses import dataclass
 from typing import Callable
-from .errors import user_frames
+from .errors import user_traceback
 from .imports import run_imports
 from .serialize import dumps, loads
 
@@ -147,17 +147,9 @@ def worker_main(rank: int, conn, spec: WorkerSpec) -> None:
     except BaseException as e:
         try: sys.stdout.flush(); sys.stderr.flush()
         except Exception: pass
-        chan.send(Failure(type(e).__qualname__, str(e), _user_traceback(e), _pickled_exception(e)))
+        chan.send(Failure(type(e).__qualname__, str(e), user_traceback(e), _pickled_exception(e)))
         os._exit(1)   # what was sent stays readable in the pipe after we exit
     os._exit(0)       # done: threads the function left running must not keep the caller waiting
-
-def _user_traceback(e: BaseException) -> str:
-    "`e`'s traceback as `traceback.format_exc` gives it, each exception's frames from the user's code down."
-    te = t = traceback.TracebackException.from_exception(e)
-    while t is not None:
-        t.stack = traceback.StackSummary.from_list(user_frames(t.stack))
-        t = t.__cause__ or (None if t.__suppress_context__ else t.__context__)
-    return ''.join(te.format())
 
 def seed_global_rngs(seed: int) -> None:
     "Seed Python's global RNG, and numpy's and torch's where loaded, with `seed` (torch's CUDA generators lazily: no CUDA init)."

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'nbs'))
 import regenerate  # noqa: E402
 
-SLOW = {'02_fit_ddp', '03_applications', '04_torchrun'}   # over a minute each on 2 cores
+SLOW = {'02_fit_ddp', '03_applications', '04_torchrun', '06_slurm'}   # about a minute or more each on 2 cores
 NOTEBOOKS = regenerate.notebooks()
 README = (REPO / 'README.md').read_text()
 
@@ -26,6 +26,9 @@ def _source(nb, i: int) -> str:
 @pytest.mark.parametrize('path', [pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if p.stem in SLOW else [])
                                   for p in NOTEBOOKS])
 def test_notebook_runs_and_shows_what_is_committed(path, tmp_path):
+    if path.stem == '06_slurm':   # it starts the test cluster of tests/slurm_cluster.py
+        from slurm_cluster import unavailable
+        if (why := unavailable()) is not None: pytest.skip(f"no SLURM test cluster: {why}")
     nb = regenerate.execute(path, str(tmp_path))   # raises CellExecutionError naming the cell if an untagged cell fails
     want, got = regenerate.structure(committed(path)), regenerate.structure(nb)
     assert len(got) == len(want), f"{path.name}: {len(got)} code cells run, {len(want)} committed"

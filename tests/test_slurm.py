@@ -1,0 +1,288 @@
+"""`learn.ddp(executor=ex)`: a DDP fit as one SLURM job, submitted with submitit, against a real SLURM cluster.
+
+The cluster (`slurm_cluster.SlurmCluster`, one for the whole file, up in ~5-7 s) runs on this host from the Debian
+packages: munged, MariaDB + slurmdbd, slurmctld and two slurmd "nodes" n1 and n2 (1 CPU each), so a 2-node job has one
+rank (gloo, CPU) on each. The tests skip, with the reason, where it cannot start (not root, packages missing: see
+.ci/run). Every job's tasks import fastai (~6 s each on these 2 cores): a job costs ~10-30 s here. The default set
+takes ~1.5 minutes; `-m slow` adds the requeues and the kernel restart (~1.5 minutes more).
+The callbacks below travel in job files by reference: the workers import this module (the tests folder is on their path).
+"""
+from __future__ import annotations
+import os, random, re, signal, subprocess, sys, time
+from pathlib import Path
+import pytest
+from fastai.callback.core import Callback
+import helpers
+
+TESTS = Path(__file__).resolve().parent
+LR = 1e-2
+
+# ---------------------------------------------------------------- callbacks the ranks run
+
+class SeedAtFit(Callback):
+    "Every rank's global RNGs seeded alike before the DistributedRunner draws the epoch order: two runs, one data order."
+    order = 0
+    def before_fit(self):
+        import numpy as np, torch
+        random.seed(0); np.random.seed(0); torch.manual_seed(0)
+
+class RaiseOnRank(Callback):
+    "Rank `rank` raises at its first batch."
+    def __init__(self, rank: int = 1): self.rank = rank
+    def after_batch(self):
+        if int(os.environ.get('RANK', 0)) == self.rank: raise ValueError(f"rank {self.rank} fails on purpose")
+
+class SlowEpochs(Callback):
+    "Each epoch ends `seconds` later (after its checkpoint): time to interrupt or requeue a run mid-way."
+    order = 90
+    def __init__(self, seconds: float): self.seconds = seconds
+    def after_epoch(self): time.sleep(self.seconds)
+
+# ---------------------------------------------------------------- the cluster
+
+@pytest.fixture(scope='module')
+def slurm(tmp_path_factory):
+    """The private SLURM cluster of this file's tests (one for all; stopped when they end, so the rest of a session never
+    sees its daemons); SLURM commands and submitit in this process (and its children) use it."""
+    pytest.importorskip('submitit', reason='the SLURM path needs submitit: pip install -e ".[slurm]"')
+    from slurm_cluster import ClusterUnavailable, SlurmCluster
+    cluster = SlurmCluster(tmp_path_factory.mktemp('slurm'))
+    try: cluster.start()
+    except ClusterUnavailable as e: pytest.skip(f"no SLURM test cluster: {e}")
+    print(f"\nSLURM test cluster up in {cluster.start_s:.1f} s", file=sys.stderr)
+    env = {**cluster.env, 'PYTHONPATH': helpers.subprocess_env()['PYTHONPATH']}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try: yield cluster
+    finally:
+        cluster.stop()
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+@pytest.fixture
+def executor(slurm, tmp_path):
+    "A submitit executor as a user configures one: 2 nodes, one task (rank) on each."
+    import submitit
+    ex = submitit.AutoExecutor(folder=tmp_path / 'runs', cluster='slurm')
+    ex.update_parameters(nodes=2, tasks_per_node=1, cpus_per_task=1, timeout_min=10, slurm_partition='test')
+    yield ex
+    assert_queue_empty(slurm, within=15)
+
+def assert_queue_empty(slurm, within: float):
+    deadline = time.monotonic() + within
+    while (left := slurm.jobs()) and time.monotonic() < deadline: time.sleep(0.2)
+    if left: slurm.run('scancel', *left, check=False)
+    assert not left, f"jobs still queued or running {within} s after the test: {left}"
+
+def digits_learner(model=None, dls=None):
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.metrics import accuracy
+    from mpify_fastai.demo import digits_cnn, digits_dls
+    return Learner(dls or digits_dls(), model or digits_cnn(), loss_func=CrossEntropyLossFlat(), metrics=accuracy)
+
+def rows(learn) -> list[list[float]]: return [[float(v) for v in r] for r in learn.recorder.values]
+
+def run_folder(ex) -> Path:
+    runs = sorted(Path(ex.folder).glob('mpify-*'))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+def wait_for(cond, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (v := cond()): return v
+        time.sleep(0.2)
+    raise AssertionError(f"{what} (waited {timeout} s)")
+
+def checkpointed_epoch(folder: Path) -> int | None:
+    "The last completed epoch in a run folder's checkpoint, if any."
+    import torch
+    try: return torch.load(folder / 'result.pth.ckpt', weights_only=False)['completed_epoch']
+    except (FileNotFoundError, EOFError, RuntimeError): return None
+
+# ---------------------------------------------------------------- tests
+
+def test_two_node_job_trains_as_fit_ddp_does(executor, slurm, capsys):
+    "One rank on each slurmd; the same last row as `fit_ddp(nprocs=2)` from the same weights and data order; every epoch drawn."
+    import copy
+    from mpify_fastai.demo import digits_cnn, digits_dls
+    dls, model = digits_dls(), digits_cnn()
+    here, there = digits_learner(copy.deepcopy(model), dls), digits_learner(model, dls)
+    t = time.monotonic()
+    assert there.ddp(executor=executor).fit_one_cycle(3, LR, cbs=[SeedAtFit()]) is None
+    took = time.monotonic() - t
+    out = helpers.strip_ansi(capsys.readouterr().out)
+    here.ddp(nprocs=2).fit_one_cycle(3, LR, cbs=[SeedAtFit()])
+    got, want = rows(there), rows(here)
+    assert len(got) == 3 and all(abs(a - b) < 1e-5 for a, b in zip(got[-1], want[-1])), (got, want)
+    with there.no_bar(): val = [float(v) for v in there.validate()]
+    assert all(abs(a - b) < 1e-5 for a, b in zip(got[-1][1:], val)), (got[-1], val)
+    assert re.search(r'submitted SLURM job \d+ \(2 ranks\)', out), out
+    table = [l.split() for l in out.splitlines() if re.match(r'\s*\d+\s+\d+\.\d{6}', l)]
+    assert [int(r[0]) for r in table] == [0, 1, 2], out     # every epoch's row, once
+    folder = run_folder(executor)
+    assert oct((folder / 'job.pkl').stat().st_mode & 0o777) == '0o600'
+    nodes = {l.split('|')[1] for l in slurm.run('sacct', '-n', '-P', '-X', '-o', 'JobID,NodeList').splitlines() if l}
+    assert any(n in ('n[1-2]', 'n1,n2') for n in nodes), nodes   # the job spanned both nodes
+    print(f"SLURM job: {took:.1f} s", file=sys.stderr)
+
+def test_failing_rank_is_reported_with_its_traceback(executor):
+    "Rank 1 raises: a WorkerError naming rank 1, with its traceback read from the job's files; the Learner is untouched."
+    from mpify_fastai import WorkerError
+    learn = digits_learner()
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    with pytest.raises(WorkerError) as e: learn.ddp(executor=executor).fit(2, LR, cbs=[RaiseOnRank(1)])
+    assert e.value.rank == 1 and e.value.exc_type == 'ValueError', str(e.value)
+    assert 'rank 1 fails on purpose' in str(e.value) and 'in after_batch' in e.value.remote_traceback, str(e.value)
+    assert all((a == b).all() for a, b in zip(before, learn.model.parameters()))
+
+def test_executor_without_schedule_or_with_nprocs_is_refused(executor):
+    from mpify_fastai import ArgumentError
+    learn = digits_learner()
+    with pytest.raises(ArgumentError, match='schedules'): learn.ddp(executor=executor).get_preds()
+    with pytest.raises(ArgumentError, match='exclude'): learn.ddp(nprocs=2, executor=executor)
+    with pytest.raises(ArgumentError, match='drop max_restarts'): learn.ddp(executor=executor, max_restarts=2)
+    with pytest.raises(ArgumentError, match='submitit executor for SLURM'): learn.ddp(executor=object()).fit(1)
+
+def test_executor_without_submitit_says_how_to_install(monkeypatch):
+    "Where submitit is not installed (an import of it fails), `executor=` says how to install it."
+    from mpify_fastai import ArgumentError
+    monkeypatch.setitem(sys.modules, 'submitit', None)   # what `import submitit` finds: ImportError, as when not installed
+    with pytest.raises(ArgumentError) as e: digits_learner().ddp(executor=object()).fit(1)
+    assert str(e.value) == 'executor= needs submitit: pip install submitit (or pip install -e ".[slurm]")'
+
+def test_event_log_hands_out_whole_events_only(tmp_path):
+    "The progress file between rank 0 and the caller: appended events come out once each, a half-written one not yet."
+    import pickle, struct
+    from mpify_fastai.progress import EventLog, EpochStarted, FitResumed
+    writer, reader = EventLog(tmp_path / 'events.log'), EventLog(tmp_path / 'events.log')
+    assert reader.read() == []
+    writer.append(EpochStarted(0)); writer.append(FitResumed(1, 1))
+    data = pickle.dumps(EpochStarted(1))
+    with open(tmp_path / 'events.log', 'ab') as f: f.write(struct.pack('<Q', len(data)) + data[:5])   # a write under way
+    assert reader.read() == [EpochStarted(0), FitResumed(1, 1)] and reader.read() == []
+    with open(tmp_path / 'events.log', 'ab') as f: f.write(data[5:])
+    assert reader.read() == [EpochStarted(1)]
+    assert oct((tmp_path / 'events.log').stat().st_mode & 0o777) == '0o600'
+
+def test_attach_to_a_folder_without_runs_says_so(tmp_path):
+    from mpify_fastai import ArgumentError, attach
+    with pytest.raises(ArgumentError, match='holds no mpify_fastai SLURM run'): attach(tmp_path, digits_learner())
+
+SCRIPT = '''
+import submitit, sys
+sys.path[:0] = {paths!r}
+from test_slurm import digits_learner, SlowEpochs
+if __name__ == "__main__":
+    ex = submitit.AutoExecutor(folder={runs!r}, cluster="slurm")
+    ex.update_parameters(nodes=2, tasks_per_node=1, cpus_per_task=1, timeout_min=10, slurm_partition="test")
+    learn = digits_learner()
+    try: learn.ddp(executor=ex).fit_one_cycle(8, 1e-2, cbs=[SlowEpochs(1.0)])
+    except KeyboardInterrupt: print("ROWS", len(learn.recorder.values), flush=True)
+'''
+
+def test_ctrl_c_cancels_the_job_and_keeps_finished_epochs(slurm, tmp_path):
+    "SIGINT to a script waiting on a job: the job is cancelled (queue empty within 15 s), the Learner keeps its finished epochs."
+    runs = tmp_path / 'runs'
+    (tmp_path / 'train.py').write_text(SCRIPT.format(paths=[str(TESTS), str(helpers.REPO)], runs=str(runs)))
+    p = subprocess.Popen([sys.executable, 'train.py'], cwd=tmp_path, env=helpers.subprocess_env(), text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        folder = wait_for(lambda: next(iter(runs.glob('mpify-*')), None), 60, "no job was submitted")
+        wait_for(lambda: checkpointed_epoch(folder) is not None, 120, "no epoch completed")
+        t = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=60)
+        assert_queue_empty(slurm, within=15 - (time.monotonic() - t))
+    finally:
+        if p.poll() is None: p.kill(); p.wait()
+    out = helpers.strip_ansi(out)
+    done = int(re.search(r'stopped after epoch (\d+) of 8; the Learner holds epoch \1', out).group(1))
+    assert 1 <= done < 8 and f'ROWS {done}' in out and 'start_epoch=' in out, out
+
+@pytest.mark.slow
+@pytest.mark.parametrize('how', ['scontrol', 'usr2'])
+def test_requeued_job_resumes_from_last_completed_epoch(executor, slurm, capsys, how):
+    """Requeued mid-run, by `scontrol requeue` or by submitit's own checkpoint protocol (USR2, as before a time limit or
+    a preemption): the job restarts from its last completed epoch, in the same table, and ends with every epoch's row."""
+    from mpify_fastai.progress import BarStarted, EventLog, FitResumed, RowLogged
+    learn = digits_learner()
+    run = learn.ddp(executor=executor, wait=False).fit_one_cycle(4, LR, cbs=[SlowEpochs(2.0)])
+    wait_for(lambda: checkpointed_epoch(run.folder) is not None, 180, "no epoch completed")
+    if how == 'scontrol': slurm.run('scontrol', 'requeue', run.job_id)
+    else: slurm.run('scancel', '--signal=USR2', run.job_id)   # rank 0's submitit handler calls checkpoint() and requeues
+    wait_for(lambda: slurm.run('squeue', '-h', '-j', run.job_id, '-o', '%T').strip() == 'PENDING', 30, "the job was not requeued")
+    wait_for(lambda: slurm.run('scontrol', 'update', f'jobid={run.job_id}', 'StartTime=now', check=False) is not None, 5, "")
+    run.wait()
+    out = helpers.strip_ansi(capsys.readouterr().out)
+    events = EventLog(run.folder / 'events.log').read()
+    resumed = [e for e in events if isinstance(e, FitResumed)]
+    assert len(resumed) == 1 and resumed[0].attempt == 1 and resumed[0].epoch >= 1, events
+    k = resumed[0].epoch
+    after = events[events.index(resumed[0]):]
+    trained = [int(e.cells[0]) for e in after if isinstance(e, RowLogged) and len(e.cells) > 2]
+    assert trained == list(range(k, 4)), f"the requeued job trained epochs {trained}, not only those after epoch {k - 1}"
+    assert sum(isinstance(e, BarStarted) for e in after) == 2 * (4 - k)   # a training and a validation pass each
+    assert f'was requeued (restart 1); going on from epoch {k}' in out, out
+    table = [int(l.split()[0]) for l in out.splitlines() if re.match(r'\s*\d+\s+\d+\.\d{6}', l)]
+    assert table == [0, 1, 2, 3], out
+    assert len(rows(learn)) == 4
+
+KERNEL_SUBMIT = '''
+import submitit, mpify_fastai
+from test_slurm import digits_learner
+ex = submitit.AutoExecutor(folder={runs!r}, cluster="slurm")
+ex.update_parameters(nodes=2, tasks_per_node=1, cpus_per_task=1, timeout_min=10, slurm_partition="test")
+learn = digits_learner()
+run = learn.ddp(executor=ex, wait=False).fit_one_cycle(2, 1e-2)
+print("FOLDER", run.folder)
+'''
+KERNEL_ATTACH = '''
+import mpify_fastai
+from test_slurm import digits_learner
+learn = digits_learner()
+run = mpify_fastai.attach({runs!r}, learn)
+run.wait()
+n, last = len(learn.recorder.values), [float(v) for v in learn.recorder.values[-1]]   # before validate() replaces them
+with learn.no_bar(): val = [float(v) for v in learn.validate()]
+print("ROWS", n, "MATCH", all(abs(a - b) < 1e-5 for a, b in zip(last[1:], val)))
+'''
+
+def _execute(kc, code: str, timeout: float = 240) -> str:
+    "Run `code` in the kernel; its stdout (an error fails the test)."
+    msg_id, out = kc.execute(code), []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try: msg = kc.get_iopub_msg(timeout=1)
+        except Exception: continue
+        if msg['parent_header'].get('msg_id') != msg_id: continue
+        c = msg['content']
+        if msg['msg_type'] == 'stream': out.append(c['text'])
+        elif msg['msg_type'] == 'error': raise AssertionError('\n'.join(c['traceback']))
+        elif msg['msg_type'] == 'status' and c['execution_state'] == 'idle': return ''.join(out)
+    raise AssertionError(f"the cell did not finish in {timeout} s: {''.join(out)}")
+
+@pytest.mark.slow
+def test_detach_restart_kernel_and_reattach(slurm, tmp_path):
+    "`wait=False` returns at once; after a kernel restart `attach(folder, learn)` finds the run and `wait()` applies it."
+    from jupyter_client import KernelManager
+    runs = str(tmp_path / 'runs')
+    km = KernelManager(kernel_name='python3')
+    km.start_kernel(env=helpers.kernel_env(), cwd=str(tmp_path))
+    kc = km.client(); kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        t = time.monotonic()
+        out = _execute(kc, KERNEL_SUBMIT.format(runs=runs))
+        assert 'FOLDER' in out and time.monotonic() - t < 30, out
+        km.restart_kernel(now=True)
+        kc.wait_for_ready(timeout=60)
+        assert slurm.jobs(), "the job did not outlive the kernel"
+        out = _execute(kc, KERNEL_ATTACH.format(runs=runs))
+        assert 'ROWS 2 MATCH True' in out, out
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    assert_queue_empty(slurm, within=15)
