@@ -4,13 +4,13 @@ multiprocess, torch, numpy, fastai and the standard library give no public way t
 changes one of them breaks only this file. Nothing here imports torch or fastai: it reaches into what the caller has.
 """
 from __future__ import annotations
-import functools, os, sys
+import functools, os, subprocess, sys, threading
 import multiprocess as mp
 from multiprocess import forkserver, spawn
 
-__all__ = ['forkserver_pid', 'stop_forkserver', 'in_spawn_bootstrap', 'skip_missing_main_path', 'nvml_gpu_count',
-           'ddp_ignore_parameters', 'numpy_frombuffer', 'LRU_CACHE_WRAPPER', 'LRU_CACHE_INFO', 'valid_metrics',
-           'train_metrics', 'loader_workers', 'set_loader_workers']
+__all__ = ['forkserver_pid', 'stop_forkserver', 'start_forkserver', 'in_spawn_bootstrap', 'skip_missing_main_path',
+           'nvml_gpu_count', 'ddp_ignore_parameters', 'numpy_frombuffer', 'LRU_CACHE_WRAPPER', 'LRU_CACHE_INFO',
+           'valid_metrics', 'train_metrics', 'loader_workers', 'set_loader_workers']
 
 # ---------------------------------------------------------------- multiprocess
 
@@ -21,6 +21,26 @@ def forkserver_pid() -> int | None:
 def stop_forkserver() -> None:
     "Stop the fork server if one was started; the next `ensure_running` starts a new one (no public stop)."
     if forkserver_pid() is not None: forkserver._forkserver._stop()
+
+class _ServerUtil:
+    """multiprocess's `util` as its forkserver module sees it, except that a server started by `start_forkserver` (in this
+    thread) gets that call's `env` rather than this process's environment."""
+    def __init__(self, util): self.util,self.env,self.servers = util,threading.local(),[]
+    def __getattr__(self, name): return getattr(self.util, name)
+    def spawnv_passfds(self, path, args, passfds):
+        env = getattr(self.env, 'value', None)
+        if env is None: return self.util.spawnv_passfds(path, args, passfds)
+        p = subprocess.Popen(args, executable=path, pass_fds=passfds, env=env, restore_signals=False)
+        self.servers.append(p)   # kept: multiprocess reaps the server itself, a Popen collected while it runs would reap it too
+        return p.pid
+
+def start_forkserver(env: dict[str, str]) -> None:
+    """`forkserver.ensure_running()`, a server it starts given `env` (no public way). The caller's `os.environ` is never
+    changed: another thread starting a process meanwhile reads it mid-change, and its exec fails (EFAULT, exit code 255)."""
+    if not isinstance(forkserver.util, _ServerUtil): forkserver.util = _ServerUtil(forkserver.util)
+    forkserver.util.env.value = env
+    try: forkserver.ensure_running()
+    finally: forkserver.util.env.value = None
 
 def in_spawn_bootstrap() -> bool:
     "True in a spawned child still importing the main module: an unguarded script reaching a launch (no public flag)."

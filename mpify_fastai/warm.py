@@ -7,10 +7,9 @@ its pipe closes (caller exit or SIGKILL alike), and is started again on the next
 """
 from __future__ import annotations
 import os, sys, threading
-from contextlib import contextmanager
 import multiprocess as mp
 from multiprocess import forkserver
-from ._private import forkserver_pid, in_spawn_bootstrap, stop_forkserver
+from ._private import forkserver_pid, in_spawn_bootstrap, start_forkserver, stop_forkserver
 from .procfs import process_state
 
 __all__ = ['warm_context', 'warm_ready', 'mark_ready', 'warm_preload', 'stop_warm_server', 'prewarm']
@@ -48,16 +47,10 @@ def stop_warm_server() -> None:
         stop_forkserver()
         _started_with = None
 
-@contextmanager
-def _caller_path_for_server():
-    """The server imports its preloads with the caller's `sys.path` (a checkout added at run time, a notebook's folder):
-    multiprocess's server does not apply the path it is given, and a preload it cannot import is skipped silently."""
-    old = os.environ.get('PYTHONPATH')
-    os.environ['PYTHONPATH'] = os.pathsep.join(p for p in sys.path if p)
-    try: yield
-    finally:
-        if old is None: del os.environ['PYTHONPATH']
-        else: os.environ['PYTHONPATH'] = old
+def _server_env() -> dict[str, str]:
+    """The server's environment: the caller's, with PYTHONPATH its `sys.path` (a checkout added at run time, a notebook's
+    folder), since multiprocess's server does not apply the path it is given and skips a preload it cannot import."""
+    return {**os.environ, 'PYTHONPATH': os.pathsep.join(p for p in sys.path if p)}
 
 def warm_context():
     """The multiprocess 'forkserver' context, its server started (or restarted) with `warm_preload()`.
@@ -70,7 +63,7 @@ def warm_context():
         stop_forkserver()
         _ready.clear()
         forkserver.set_forkserver_preload(list(want))
-        with _caller_path_for_server(): forkserver.ensure_running()
+        start_forkserver(_server_env())
         _started_with = want
     return mp.get_context('forkserver')
 
@@ -80,7 +73,8 @@ def prewarm() -> threading.Thread | None:
     """Start the fork server in the background now (unless one is starting), so a later launch finds it ready.
     Done on `import mpify_fastai` in a torch session's main process; `MPIFY_PREWARM=0` turns it off."""
     global _prewarming
-    if os.environ.get('MPIFY_PREWARM', '1') == '0' or 'RANK' in os.environ: return None   # a worker, or under torchrun
+    if os.environ.get('MPIFY_PREWARM', '1') == '0' or {'RANK', 'SUBMITIT_EXECUTOR'} & set(os.environ):
+        return None   # a worker, or a rank under torchrun or in a submitit job: never a launcher
     if mp.parent_process() is not None or in_spawn_bootstrap(): return None
     if _prewarming is not None and _prewarming.is_alive(): return _prewarming
     def run():

@@ -1,6 +1,6 @@
 """The warm launcher (issue 6): one fork server per session, started in the background on import, restarted if it
 dies, gone with its caller, CUDA-untouched, and fast for every launch after the first."""
-import os, signal, subprocess, sys, textwrap, time
+import json, os, signal, subprocess, sys, textwrap, time
 import pytest
 from helpers import alive, subprocess_env
 
@@ -87,3 +87,30 @@ def test_a_light_call_does_not_wait_for_a_starting_server():
     assert time.monotonic() - t < 5 and not warm_ready()   # done before the server finished starting
 
 def _sum(a, b): return a + b
+
+ENV_SCRIPT = textwrap.dedent('''
+    import json, operator, os, sys, threading
+    changes = []    # every change to this process's environment, by any thread
+    sys.addaudithook(lambda event, args: event in ('os.putenv', 'os.unsetenv') and changes.append(
+        (threading.current_thread().name, event, str(args[0]))))
+    from multiprocess import forkserver
+    from mpify_fastai import ranch
+    from mpify_fastai.warm import prewarm, stop_warm_server
+    sys.path.append(sys.argv[1])            # a folder added at run time: the server still imports with it
+    for _ in range(3):
+        stop_warm_server()
+        assert ranch(2, operator.add, 1, 2) == [3, 3]   # light: its workers spawn while the prewarm thread starts the server
+        prewarm().join()
+    with open(f'/proc/{forkserver._forkserver._forkserver_pid}/environ', 'rb') as f: env = f.read().decode().split('\\0')
+    print(json.dumps(dict(changes=changes, server_path=[v[11:] for v in env if v.startswith('PYTHONPATH=')])))
+''')
+
+def test_starting_the_server_never_changes_the_callers_environment(tmp_path):
+    """The server gets the caller's `sys.path` in its own environment. Setting PYTHONPATH in `os.environ` from the prewarm
+    thread made a light call's worker, exec'd meanwhile, read a changing environment: exec failed (EFAULT), code 255."""
+    r = subprocess.run([sys.executable, '-c', ENV_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                       env=subprocess_env())
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.splitlines()[-1])
+    assert res['changes'] == [], f"the caller's environment changed while the server started: {res['changes']}"
+    assert str(tmp_path) in res['server_path'][0].split(os.pathsep), res
