@@ -1,8 +1,8 @@
 """Where the seconds of a `fit_ddp` call go that a local `fit` does not spend (issue 24).
 
-`python bench/bench_breakdown.py tabular [ROWS] [ROUNDS]` (default 2,000,000 rows, 2 rounds): the issue's Learner (12
-continuous and 2 categorical columns, Categorify/FillMissing/Normalize, a regression target, bs 8192); alternates a
-local `fit(1)` and `learn.ddp(nprocs=2).fit(1)`.
+`python bench/bench_breakdown.py tabular [ROWS] [ROUNDS] [EPOCHS]` (default 2,000,000 rows, 2 rounds, 1 epoch): the
+issue's Learner (12 continuous and 2 categorical columns, Categorify/FillMissing/Normalize, a regression target,
+bs 8192); alternates a local `fit(EPOCHS)` and `learn.ddp(nprocs=2).fit(EPOCHS)`.
 `python bench/bench_breakdown.py jpeg [FILES] [ROUNDS]` (default 1,600 files): JPEG files made from scikit-learn's digits
 (96x96, coloured, noisy), `Resize(64)`, `aug_transforms()`, fastai's default loader workers, `vision_learner(resnet18,
 pretrained=False)`; alternates a local `fine_tune(2)` and `learn.ddp(nprocs=2).fine_tune(2)`.
@@ -81,9 +81,9 @@ def one_ddp(run, path: str, ship: list, apply: list) -> dict:
     return dict(total=t1 - t0, ship=ship[-1], to_fit=at('before_fit')[0] - t0, epochs=epochs, n_epochs=len(at('after_epoch')),
                 fit_end_to_return=t1 - at('after_fit')[-1], apply=apply[-1])
 
-def main(kind: str, size: int, rounds: int) -> dict:
+def main(kind: str, size: int, rounds: int, epochs: int = 1) -> dict:
     learn = make_learner(size) if kind == 'tabular' else make_jpeg_learner(size)
-    if kind == 'tabular': local_run, ddp_run = (lambda: learn.fit(1)), (lambda cbs: learn.ddp(nprocs=2).fit(1, cbs=cbs))
+    if kind == 'tabular': local_run, ddp_run = (lambda: learn.fit(epochs)), (lambda cbs: learn.ddp(nprocs=2).fit(epochs, cbs=cbs))
     else: local_run, ddp_run = (lambda: learn.fine_tune(2)), (lambda cbs: learn.ddp(nprocs=2).fine_tune(2, cbs=cbs))
     ship, apply = [], []
     timed(launch_module, 'dumps', ship)
@@ -95,7 +95,7 @@ def main(kind: str, size: int, rounds: int) -> dict:
         t = time.time(); local_run(); local.append(time.time() - t)
         ddp.append(one_ddp(ddp_run, path, ship, apply))
     os.remove(path)
-    return dict(kind=kind, size=size, first=first, local=local, ddp=ddp, loadavg=os.getloadavg())
+    return dict(kind=kind, size=size, epochs=epochs, first=first, local=local, ddp=ddp, loadavg=os.getloadavg())
 
 def table(r: dict) -> str:
     med = lambda k: statistics.median(d[k] for d in r['ddp'])
@@ -106,7 +106,7 @@ def table(r: dict) -> str:
             (f"  rank 0's {r['ddp'][0]['n_epochs']} epoch(s)", med('epochs')),
             ('  rank 0\'s last `after_fit` to the call returning', med('fit_end_to_return')),
             ('  of which: the result applied to the Learner', med('apply'))]
-    what = f"{r['size']:,} rows" if r['kind'] == 'tabular' else f"{r['size']:,} JPEG files"
+    what = f"{r['size']:,} rows, fit({r['epochs']})" if r['kind'] == 'tabular' else f"{r['size']:,} JPEG files, fine_tune(2)"
     out = [f"{what}, medians of {len(r['ddp'])} alternating rounds, 1-min load {r['loadavg'][0]:.1f}",
            '', '| phase | seconds | / local |', '|---|---|---|']
     out += [f'| {name} | {v:.2f} | {v / loc:.2f}x |' for name, v in rows]
@@ -115,5 +115,5 @@ def table(r: dict) -> str:
 if __name__ == '__main__':
     kind = sys.argv[1] if len(sys.argv) > 1 else 'tabular'
     size = int(sys.argv[2]) if len(sys.argv) > 2 else 2_000_000 if kind == 'tabular' else 1_600
-    res = main(kind, size, int(sys.argv[3]) if len(sys.argv) > 3 else 2)
+    res = main(kind, size, int(sys.argv[3]) if len(sys.argv) > 3 else 2, int(sys.argv[4]) if len(sys.argv) > 4 else 1)
     print(table(res)); print(json.dumps(res))
