@@ -20,7 +20,7 @@ from .inference import INFERENCE, infer_in_worker, merge_shards
 from .launch import LaunchOptions, OptionRecord, check_nprocs, launch, with_options
 from .progress import ProgressDisplay
 from .recovery import keep_checkpoint, last_checkpoint, stopped_at_checkpoint, with_restarts
-from .state import apply_result, interrupts_deferred, recorder_history
+from .state import apply_result, recorder_history
 from .training import (SCHEDULES, SHOW_GRAPH, DDPJob, DDPOptions, call_arguments, find_lr_in_worker, is_callback_of,
                        train_in_worker)
 
@@ -92,20 +92,25 @@ class DDPMethods:
         params = call_arguments(method, args, kwargs)
         if self.executor is not None: return self._submit(method, args, kwargs)
         if method in SCHEDULES:
-            return self._train(DDPJob(self.source, method, args, kwargs, self.ddp, progress=self.fit_options.progress))
+            return self._train(self._fit_job(method, args, kwargs))
         res = self._launch(find_lr_in_worker if method == 'lr_find' else infer_in_worker,
                            DDPJob(self.source, method, kwargs=params, ddp=self.ddp), gather='all' if method in
                            ('get_preds', 'tta') else 0)
         if method == 'lr_find': return self._found_lrs(res, params)
         return res if method == 'validate' else merge_shards(res)
 
+    def _fit_job(self, method: str, args: tuple, kwargs: dict) -> DDPJob:
+        "The DDP fit of schedule `method`, with the Learner's history so far (a pickled Recorder keeps none): `start_epoch=` keeps its rows."
+        job = DDPJob(self.source, method, args, kwargs, self.ddp, progress=self.fit_options.progress)
+        if 'values' in vars(self.learn.recorder): job.history = recorder_history(self.learn.recorder)
+        return job
+
     def _submit(self, method: str, args: tuple, kwargs: dict):
         "A schedule as one job of the submitit executor (`slurm`): applied here when it ends, or its `SlurmRun` if not `wait`."
         from .slurm import submit_job
         if method not in SCHEDULES: raise ArgumentError(f"learn.ddp(executor=...) runs the schedules {', '.join(SCHEDULES)}; not {method}")
-        job = DDPJob(self.source, method, args, kwargs, self.ddp, progress=self.fit_options.progress)
-        if 'values' in vars(self.learn.recorder): job.history = recorder_history(self.learn.recorder)   # start_epoch= keeps its rows
-        return submit_job(self.learn, job, self.executor, self.wait, self.launch_options.need, self.launch_options.imports)
+        return submit_job(self.learn, self._fit_job(method, args, kwargs), self.executor, self.wait, self.launch_options.need,
+                          self.launch_options.imports)
 
     def _launch(self, worker: Callable, job: DDPJob, gather, on_event: Callable | None = None):
         return launch(self.nprocs, worker, kwargs={'job': job}, options=self.launch_options, gather=gather,
@@ -123,7 +128,6 @@ class DDPMethods:
             job.checkpoint = os.path.join(ckdir, 'last_epoch.pth')
             cbs = L(learn.cbs) + L(job.kwargs.get('cbs'))
             display = ProgressDisplay(graph=any(is_callback_of(cb, (SHOW_GRAPH,)) for cb in cbs))
-            if 'values' in vars(learn.recorder): job.history = recorder_history(learn.recorder)   # start_epoch= keeps its rows
             def attempt(resumed: dict | None, restart: int) -> dict:
                 return self._launch(train_in_worker, replace(job, resumed=resumed, restart=restart), gather=0, on_event=display)
             try: res = with_restarts(attempt, job.checkpoint, job.method, self.fit_options.max_restarts, display.restarting)
@@ -134,9 +138,9 @@ class DDPMethods:
                 keep_checkpoint(e, job.checkpoint)
                 raise
             finally:
-                with interrupts_deferred():   # a finished fit is never thrown away for an interrupt at its very end
-                    display.close()
-                    if res is not None: apply_result(learn, res)
+                try:
+                    if res is not None: apply_result(learn, res)   # first: an interrupt now waits until it is applied whole
+                finally: display.close()
         finally: shutil.rmtree(ckdir, ignore_errors=True)
 
     def _found_lrs(self, res: dict, params: dict):
