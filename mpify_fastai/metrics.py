@@ -1,35 +1,69 @@
-"""Exact metrics under DDP: before the Recorder reads them, each rank's metric accumulators become the whole set's, on
-every rank, so every rank logs the values a local run would.
+"""Exact metrics under DDP: before the Recorder reads them, each rank's metrics hold the whole set's state, on every
+rank, so every rank logs the values a local run would. Each metric goes one of two ways.
 
-How an accumulator combines is decided from what the metric's `reset()` leaves in it, never from the values it holds
-later (equal-length lists of numbers are per-batch entries as often as a vector of counts):
-- a number, or a list, array or tensor with elements (a fixed vector of counts), adds up, element by element;
-- an empty list, tuple, array or tensor is one that `accumulate` grows: every rank's entries are concatenated in the
-  local run's batch order (rank r's k-th batch is local batch `k * world + r`, as `sharding` cuts validation), so a
-  value that depends on order (a median of per-batch losses, the last prediction) comes out as locally;
-- a dict combines key by key; a key `reset()` did not make adds up if it holds a number, array or tensor, and is
-  concatenated in rank order if it holds a list;
-- `None`, or nothing at all (`ValueMetric`), has no whole-set value: each rank reports its own, with a warning.
-Replaying every rank's batches through each metric's `accumulate` would also be exact, but it would ship every batch's
-predictions and targets (whole masks, for segmentation) and could not know which attributes of the Learner a metric
-reads; accumulators are what a metric itself keeps, usually a few numbers.
+Proven (fastai's own classes, `PROVEN`, with their own reset, accumulate and value; no subclass or instance attribute
+overrides one): their accumulators combine, which ships what they keep (two numbers for an `AvgMetric`, the predictions
+for an `AccumMetric`). tests/test_exact_metrics.py's table of every `fastai.metrics` export proves this exact at 2-4
+ranks. How an accumulator combines is decided from what `reset()`
+leaves in it: a number, or a list, array or tensor with elements, adds up (in its own type and dtype); an empty list,
+tuple, deque, array, tensor or pandas object grows: every rank's entries are concatenated in the local run's batch
+order; a dict (Counter, OrderedDict, defaultdict: kept) combines key by key.
+
+Replayed (everything else: a user's metric, a subclass): a value that `reset()` sets to 0 may be a sum, a maximum or the
+last value seen, and nothing in the number says which; so no rule is guessed. While a batch is seen, the metric's
+`accumulate` reads the Learner through a stand-in that passes reads through and keeps (on the CPU) the batch inputs it
+read (`BATCH_INPUTS`: pred, yb, xb, y, x, loss, loss_grad). At the end of the phase the ranks exchange them, and every
+rank resets the metric and runs its own `accumulate` over every rank's batches in the local run's batch order (rank r's
+k-th batch is local batch `k * world + r`, as `sharding` cuts validation), each seen through a stand-in holding that
+batch's inputs, `training`, `epoch`, `n_epoch`, `iter` (its local position), `n_iter` and `to_detach`. Whatever the
+metric keeps (a maximum, the last batch, a set, a Counter, a DataFrame), its state is then a local run's, in its own
+types. It costs the bytes of what the metric reads (one number per batch for a loss-based metric, the predictions for
+one that reads them) and each rank replaying every batch: bench/RESULTS.md has the figures.
+
+A metric that reads anything else while accumulating (learn.model, learn.dls, learn.loss_func, another callback), sets
+an attribute of the Learner, draws from a global random generator, or whose replay raises, cannot be made exact: every
+rank takes rank 0's own state of it (so callbacks that read it decide alike everywhere), and rank 0 warns once per fit,
+naming the metric and what it read.
 """
 from __future__ import annotations
-import warnings
+import functools, operator, pickle, random, warnings
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Union
-import numpy as np
+import numpy as np, pandas as pd
 import torch, torch.distributed as dist
 from fastai.callback.core import Callback
-from fastai.learner import AvgSmoothLoss
+from fastai.learner import AvgLoss, AvgMetric, AvgSmoothLoss
+from fastai.metrics import (AccumMetric, CorpusBLEUMetric, Dice, DiceMulti, JaccardCoeff, JaccardCoeffMulti, LossMetric,
+                            Perplexity)
+from fastai.torch_core import to_detach
+from fastcore.basics import detuplify
 from ._private import train_metrics, valid_metrics
 
-__all__ = ['ADD', 'GROW', 'UNKNOWN', 'Kind', 'accumulator_kinds', 'MetricShare', 'MetricTracker', 'ExactMetrics']
+__all__ = ['ADD', 'GROW', 'UNKNOWN', 'Kind', 'PROVEN', 'BATCH_INPUTS', 'proven', 'accumulator_kinds', 'combined', 'MetricShare',
+           'MetricInputs', 'MetricTracker', 'InexactMetricWarning', 'ExactMetrics']
 
 ADD, GROW, UNKNOWN = 'add', 'grow', 'unknown'
 Kind = Union[str, list, dict]   # ADD, GROW or UNKNOWN; a list: the kind of each element; a dict: of each key
 
+PROVEN = (AvgMetric, AvgLoss, LossMetric, Perplexity, AccumMetric, Dice, DiceMulti, JaccardCoeff, JaccardCoeffMulti,
+          CorpusBLEUMetric)
+_OWN = ('reset', 'accumulate', 'value', 'accum_values')
+BATCH_INPUTS = ('pred', 'yb', 'xb', 'y', 'x', 'loss', 'loss_grad')   # what a replay can present, kept as read
+_PHASE = ('training', 'epoch', 'n_epoch', 'iter', 'n_iter', 'to_detach')   # what a replay presents of its own
+
+def proven(m) -> bool:
+    "True where `m` is of a `PROVEN` class and keeps that class's own reset, accumulate and value."
+    base = next((c for c in type(m).__mro__ if c in PROVEN), None)
+    return (base is not None and not set(_OWN) & set(getattr(m, '__dict__', {}))
+            and all(getattr(type(m), a, None) is getattr(base, a, None) for a in _OWN))
+
+# ---------------------------------------------------------------- proven metrics: accumulators combine
+
 _NUMBER = (int, float, np.number, np.bool_)
+_GROWING = (list, tuple, deque)
+
+def _pandas(v) -> bool: return isinstance(v, (pd.Series, pd.DataFrame))
 
 def _kind(reset_value) -> Kind | None:
     "The kind of accumulator `reset_value` (what `reset()` assigned) starts; None where it is no accumulator (a str, a function)."
@@ -37,8 +71,9 @@ def _kind(reset_value) -> Kind | None:
     if isinstance(reset_value, _NUMBER): return ADD
     if isinstance(reset_value, (torch.Tensor, np.ndarray)):
         return ADD if reset_value.ndim == 0 or len(reset_value) else GROW
-    if isinstance(reset_value, (list, tuple)):
-        return [_kind(x) for x in reset_value] if reset_value else GROW
+    if _pandas(reset_value): return ADD if len(reset_value) else GROW
+    if isinstance(reset_value, _GROWING):
+        return [_kind(x) for x in reset_value] if reset_value and not isinstance(reset_value, deque) else GROW
     if isinstance(reset_value, dict): return {k: _kind(v) for k, v in reset_value.items()}
     return None
 
@@ -59,112 +94,235 @@ def accumulator_kinds(m) -> dict[str, Kind]:
     return {k: v for k, v in kinds.items() if v is not None}
 
 def _length(v) -> int:
-    return len(v) if isinstance(v, (list, tuple, np.ndarray)) or (isinstance(v, torch.Tensor) and v.ndim) else 0
+    if isinstance(v, torch.Tensor): return len(v) if v.ndim else 0
+    return len(v) if isinstance(v, (*_GROWING, np.ndarray)) or _pandas(v) else 0
+
+def _rebuilt(like, items):
+    "`items` in the container type of `like` (a named tuple's fields, a deque's maxlen, a defaultdict's factory kept)."
+    if isinstance(like, tuple) and hasattr(like, '_fields'): return type(like)(*items)
+    if isinstance(like, deque): return deque(items, like.maxlen)
+    if isinstance(like, dict) and hasattr(like, 'default_factory'): return type(like)(like.default_factory, items)
+    return type(like)(items)
 
 def _cpu(v):
     if isinstance(v, torch.Tensor): return v.detach().cpu()
-    if isinstance(v, (list, tuple)): return type(v)(_cpu(x) for x in v)
-    if isinstance(v, dict): return {k: _cpu(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)): return _rebuilt(v, [_cpu(x) for x in v])
+    if isinstance(v, dict): return _rebuilt(v, {k: _cpu(x) for k, x in v.items()})
     return v
 
 @dataclass
 class MetricShare:
-    """One rank's accumulators of one metric, as they cross to the other ranks: `values` (name -> value, on the CPU) and,
-    for each that grows, `marks`: its length as each of the rank's batches began."""
+    """One rank's accumulators of one proven metric, as they cross to the other ranks: `values` (name -> value, on the
+    CPU) and, for each that grows, `marks`: its length as each of the rank's batches began."""
     values: dict[str, Any]
     marks: dict[str, list[int]] = field(default_factory=dict)
 
 def _added(values: list):
-    "The sum of every rank's number, array or tensor (tensors in float64, back in their dtype; ints stay ints)."
-    tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    if tensors: return sum(torch.as_tensor(v).double() for v in values).to(tensors[0].dtype)
-    if any(isinstance(v, np.ndarray) for v in values): return sum(np.asarray(v) for v in values)
-    total = sum(values)
-    return int(total) if all(isinstance(v, (int, np.integer)) for v in values) else total
+    """The sum of every rank's number, array, tensor or pandas object, in its own type and dtype (floating tensors summed
+    in float64; pandas objects label by label; booleans, numbers of numpy and torch too, stay booleans: any)."""
+    first = values[0]
+    if isinstance(first, (bool, np.bool_)): return type(first)(any(values))
+    if isinstance(first, torch.Tensor) and first.is_floating_point() and first.dtype != torch.float64:
+        return functools.reduce(operator.add, [v.double() for v in values]).to(first.dtype)
+    if _pandas(first): return functools.reduce(lambda a, b: a.add(b, fill_value=0), values)
+    return functools.reduce(operator.add, values)
 
-def _concatenated(chunks: list):
-    "Chunks of a grown accumulator as one, in the type they have (tensors and arrays along their first dimension)."
+def _slice(v, s: int, e: int):
+    if isinstance(v, deque): return list(v)[s:e]
+    return v.iloc[s:e] if _pandas(v) else v[s:e]
+
+def _concatenated(chunks: list, like):
+    "Chunks of a grown accumulator as one, in the type of `like` (tensors, arrays, pandas along their first axis)."
     filled = [c for c in chunks if _length(c)]
-    if filled and all(isinstance(c, torch.Tensor) for c in filled): return torch.cat(filled)
-    if filled and all(isinstance(c, np.ndarray) for c in filled): return np.concatenate(filled)
-    out = [x for c in filled for x in c]
-    return tuple(out) if chunks and isinstance(chunks[0], tuple) else out
+    if not filled: return like
+    if all(isinstance(c, torch.Tensor) for c in filled): return torch.cat(filled)
+    if all(isinstance(c, np.ndarray) for c in filled): return np.concatenate(filled)
+    if all(_pandas(c) for c in filled): return pd.concat(filled)
+    return _rebuilt(like, [x for c in filled for x in c])
 
 def _in_batch_order(values: list, marks: list[list[int] | None]):
     "Every rank's grown accumulator cut into its batches (at `marks`) and put together in the local run's batch order."
     pieces = []
     for rank, (v, starts) in enumerate(zip(values, marks)):
         ends = list(starts[1:]) + [_length(v)] if starts else [_length(v)]
-        pieces += [((k, rank), v[s:e]) for k, (s, e) in enumerate(zip(starts or [0], ends))]
-    return _concatenated([p for _, p in sorted(pieces, key=lambda kp: kp[0])])
+        pieces += [((k, rank), _slice(v, s, e)) for k, (s, e) in enumerate(zip(starts or [0], ends))]
+    return _concatenated([p for _, p in sorted(pieces, key=lambda kp: kp[0])], values[0])
 
 class _Uncombinable(Exception): pass
 
-def _combined(kind: Kind, values: list, marks: list[list[int] | None]):
-    "The whole-set value of one accumulator of kind `kind` from every rank's `values` (in rank order)."
+def combined(kind: Kind, values: list, marks: list[list[int] | None]):
+    """The whole-set value of one accumulator of kind `kind` (`accumulator_kinds`) from every rank's `values` (in rank
+    order), in the type of rank 0's; `marks`: where each rank's batches begin in one that grows (None: in rank order)."""
     if kind == GROW: return _in_batch_order(values, marks)
     if kind == ADD: return _added(values)
     if isinstance(kind, list):
         if any(not isinstance(v, (list, tuple)) or len(v) != len(kind) for v in values):
             raise _Uncombinable(f"its reset() leaves {len(kind)} entries, and accumulate changed how many")
-        return type(values[0])(_combined(k, list(xs), [None] * len(values)) for k, xs in zip(kind, zip(*values)))
+        return _rebuilt(values[0], [combined(k, list(xs), [None] * len(values)) for k, xs in zip(kind, zip(*values))])
     if isinstance(kind, dict):
         keys = dict.fromkeys(k for v in values for k in v)
-        return {k: _combined(kind[k] if k in kind else GROW if isinstance(next(v[k] for v in values if k in v), list)
-                             else ADD, [v[k] for v in values if k in v], [None] * len(values)) for k in keys}
+        return _rebuilt(values[0], {k: combined(kind[k] if k in kind else GROW if isinstance(
+            next(v[k] for v in values if k in v), list) else ADD, [v[k] for v in values if k in v], [None] * len(values))
+                                    for k in keys})
     if all(v is None for v in values): return None
-    raise _Uncombinable("its reset() leaves None, which says nothing of how it adds up: assign what it starts from "
-                        "(0 for a sum, [] for a list that grows)")
+    raise _Uncombinable("its reset() leaves None, which says nothing of how it adds up")
+
+# ---------------------------------------------------------------- other metrics: accumulate replayed
+
+@dataclass
+class MetricInputs:
+    """One rank's record of one replayed metric: for each of its batches, in its order, the batch inputs `accumulate`
+    read (name -> value, on the CPU), and what else it read (`foreign`), which a replay cannot present."""
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    foreign: set[str] = field(default_factory=set)
+
+def _rng_marks():
+    "What changes when Python's, numpy's or torch's global generator draws."
+    s = np.random.get_state()
+    cuda = torch.cuda.get_rng_state().numpy().tobytes() if torch.cuda.is_initialized() else None
+    return random.getstate(), s[1].tobytes(), s[2:], torch.get_rng_state().numpy().tobytes(), cuda
+
+def _copied(v):
+    "A batch input as a replay needs it: tensors detached, on the CPU, copied (an in-place change made later stays out)."
+    if isinstance(v, torch.Tensor): return v.detach().to('cpu', copy=True)
+    if isinstance(v, (list, tuple)): return _rebuilt(v, [_copied(x) for x in v])
+    return v
+
+class _Live:
+    """The Learner as a watched `accumulate` sees it in a live batch: reads pass through; the batch inputs read are kept
+    (one copy per batch, shared by every metric that reads it: `seen`), anything else read or set is noted."""
+    def __init__(self, learn, kept: dict, seen: dict, inputs: MetricInputs):
+        object.__setattr__(self, '_live', (learn, kept, seen, inputs))
+    def __getattr__(self, k: str):
+        learn, kept, seen, inputs = object.__getattribute__(self, '_live')
+        v = getattr(learn, k)
+        if k in BATCH_INPUTS: kept[k] = seen[k] if k in seen else seen.setdefault(k, _copied(v))
+        elif k not in _PHASE: inputs.foreign.add(f'reads learn.{k}')
+        return v
+    def __setattr__(self, k: str, v):
+        learn, _, _, inputs = object.__getattribute__(self, '_live')
+        inputs.foreign.add(f'sets learn.{k}')
+        setattr(learn, k, v)
+
+def _watched(accumulate, inputs: MetricInputs, seen: dict):
+    "`accumulate` (a bound method) that records what it reads of each batch into `inputs`."
+    def watched(learn):
+        kept, marks = {}, _rng_marks()
+        accumulate(_Live(learn, kept, seen, inputs))
+        if _rng_marks() != marks: inputs.foreign.add('draws from a global random generator')
+        inputs.batches.append(kept)
+    return watched
+
+class _NotKept(AttributeError): pass
+
+class _Replayed:
+    "The Learner as a replayed `accumulate` sees it: one batch's inputs and where it stands in the local run; nothing else."
+    def __init__(self, kept: dict, phase: dict): self.__dict__.update(phase, **kept)
+    def to_detach(self, b, cpu: bool = True, gather: bool = True): return to_detach(b, cpu, gather=False)
+    def __getattr__(self, k: str):
+        if k in ('x', 'y') and k + 'b' in self.__dict__: return detuplify(self.__dict__[k + 'b'])
+        raise _NotKept(f"learn.{k}, which it did not read while the batch was seen")
+
+def _local_order(per_rank: list[list]) -> list:
+    "Every rank's batches in the local run's order: rank r's k-th is local batch `k * world + r`."
+    return [r[k] for k in range(max(map(len, per_rank), default=0)) for r in per_rank if k < len(r)]
+
+def _replay(m, per_rank: list[list[dict]], phase: dict) -> str | None:
+    "Reset `m` and run its `accumulate` over every rank's batches in local order; None, or why not (`m` then keeps its state)."
+    live, batches = dict(m.__dict__), _local_order(per_rank)
+    try:
+        m.reset()
+        for i, kept in enumerate(batches): m.accumulate(_Replayed(kept, dict(phase, iter=i, n_iter=len(batches))))
+        return None
+    except Exception as e:
+        m.__dict__.clear(); m.__dict__.update(live)
+        return f"replaying its accumulate raised {type(e).__name__}: {e}"
+
+def _pickled(state: dict) -> bytes | None:
+    import cloudpickle   # fastai's own dependency: pickles a lambda a metric keeps
+    try: return cloudpickle.dumps(state)
+    except Exception: return None
+
+def _take_rank0_state(mets: list, which: list[int]) -> None:
+    "Give each metric of `which` rank 0's state on every rank (one whose state does not pickle keeps each rank's own)."
+    box = [{i: _pickled(dict(mets[i].__dict__)) for i in which} if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    if dist.get_rank() == 0: return
+    for i, blob in box[0].items():
+        if blob is not None: mets[i].__dict__.clear(); mets[i].__dict__.update(pickle.loads(blob))
+
+# ---------------------------------------------------------------- one phase of one rank
 
 class MetricTracker:
-    """One rank's metrics through one phase (training or validation): what `reset()` left in each accumulator, where each
-    batch's entries begin in the ones that grow, and, at the end, every rank's accumulators combined into each metric."""
-    def __init__(self, mets: list): self.mets, self.kinds, self.marks = list(mets), None, []
+    """One rank's metrics through one phase (training or validation): the proven ones' accumulators (what `reset()` left,
+    where each batch begins in those that grow), the others' inputs as `accumulate` reads them; at the end, every rank's
+    shares combined into each metric."""
+    def __init__(self, mets: list):
+        self.mets, self.kinds, self.marks, self.seen = list(mets), None, [], {}
+        self.inputs = {i: MetricInputs() for i, m in enumerate(self.mets) if not proven(m) and not isinstance(m, AvgSmoothLoss)}
+        self.own = {i: self.mets[i].__dict__.get('accumulate') for i in self.inputs}
+        for i, rec in self.inputs.items():
+            try: self.mets[i].accumulate = _watched(self.mets[i].accumulate, rec, self.seen)
+            except (AttributeError, TypeError): rec.foreign.add('cannot be watched (its accumulate cannot be wrapped)')
 
     def _known_kinds(self) -> list[dict[str, Kind] | None]:
-        "Each metric's accumulator kinds, read once, right after the Recorder's reset (None: `AvgSmoothLoss`, already global)."
+        "Each proven metric's accumulator kinds, read once, right after the Recorder's reset (None for the others)."
         if self.kinds is None:
-            self.kinds = [None if isinstance(m, AvgSmoothLoss) else accumulator_kinds(m) for m in self.mets]
+            self.kinds = [accumulator_kinds(m) if proven(m) else None for m in self.mets]
         return self.kinds
 
     def batch_begins(self) -> None:
-        "Note the length of each growing accumulator before this batch's `accumulate`."
+        "Note the length of each growing accumulator before this batch's `accumulate`; a new batch's inputs."
+        self.seen.clear()
         self.marks.append([{k: _length(getattr(m, k, None)) for k, kind in kinds.items() if kind == GROW}
                            if kinds is not None else {} for m, kinds in zip(self.mets, self._known_kinds())])
 
-    def shares(self) -> list[MetricShare | None]:
-        "This rank's `MetricShare` of each metric (None where there is nothing to combine)."
-        return [None if kinds is None else
+    def unwatch(self) -> None:
+        "Give each replayed metric its own `accumulate` back."
+        for i, own in self.own.items():
+            if own is None: self.mets[i].__dict__.pop('accumulate', None)
+            else: self.mets[i].accumulate = own
+
+    def shares(self) -> list[MetricShare | MetricInputs | None]:
+        "This rank's share of each metric (None where there is nothing to combine)."
+        return [self.inputs[i] if i in self.inputs else None if kinds is None else
                 MetricShare({k: _cpu(getattr(m, k, None)) for k in kinds},
                             {k: [batch[i][k] for batch in self.marks] for k in kinds if kinds[k] == GROW})
                 for i, (m, kinds) in enumerate(zip(self.mets, self._known_kinds()))]
 
-    def combine(self, shares_by_rank: list[list[MetricShare | None]]) -> list[str]:
-        """Set each metric's accumulators to the whole set's from every rank's `shares()` (in rank order, so every rank
-        gets the same values); returns a line for each metric left with this rank's own value, and why."""
-        problems = []
+    def combine(self, shares_by_rank: list[list], phase: dict) -> dict[int, str]:
+        """Set each metric's state to the whole set's from every rank's `shares()` (in rank order, so every rank gets the
+        same); returns, by position, why a metric could not be made exact (those then take rank 0's state)."""
+        problems = {}
         for i, (m, kinds) in enumerate(zip(self.mets, self._known_kinds())):
-            if kinds is None: continue
-            name = type(m).__name__
-            if not kinds:
-                problems.append(f"metric {name}: its reset() assigns nothing to add up across ranks")
-                continue
             shares = [r[i] for r in shares_by_rank]
-            try: whole = {k: _combined(kind, [s.values[k] for s in shares], [s.marks.get(k) for s in shares])
-                          for k, kind in kinds.items()}
-            except _Uncombinable as e:
-                problems.append(f"metric {name}: {e}")
-                continue
-            for k, v in whole.items(): setattr(m, k, v)
+            if i in self.inputs:
+                foreign = sorted(set().union(*(s.foreign for s in shares)))
+                why = f"it {', '.join(foreign)}" if foreign else _replay(m, [s.batches for s in shares], phase)
+                if why: problems[i] = why
+            elif kinds == {}: problems[i] = "its reset() assigns nothing to add up across ranks"
+            elif kinds is not None:
+                try: whole = {k: combined(kind, [s.values[k] for s in shares], [s.marks.get(k) for s in shares])
+                              for k, kind in kinds.items()}
+                except _Uncombinable as e: problems[i] = str(e)
+                else:
+                    for k, v in whole.items(): setattr(m, k, v)
         return problems
+
+def _ranks() -> int: return dist.get_world_size() if dist.is_initialized() else 1
+
+class InexactMetricWarning(UserWarning):
+    "A metric that a DDP run cannot make exact: it reports rank 0's shard's value."
 
 class ExactMetrics(Callback):
     """Every rank's validation metrics (and training metrics, with the Recorder's `train_metrics=True`) become the whole
-    set's before the Recorder reads them; a metric that cannot be combined reports this rank's value, with a warning."""
+    set's before the Recorder reads them; one that cannot be made exact takes rank 0's value, with one warning per fit."""
     order = 11   # before the Recorder (50), which resets the metrics at the start of a phase and reads them at its end
+    def before_fit(self): self.warned = set()
     def before_train(self):
-        self.tracker = MetricTracker(train_metrics(self.recorder)) if getattr(self.recorder, 'train_metrics', False) else None
-    def before_validate(self): self.tracker = MetricTracker(valid_metrics(self.recorder))
+        on = getattr(self.recorder, 'train_metrics', False) and _ranks() > 1
+        self.tracker = MetricTracker(train_metrics(self.recorder)) if on else None
+    def before_validate(self): self.tracker = MetricTracker(valid_metrics(self.recorder)) if _ranks() > 1 else None
     def before_batch(self):
         if getattr(self, 'tracker', None) is not None: self.tracker.batch_begins()
     def after_train(self): self._combine()
@@ -172,8 +330,20 @@ class ExactMetrics(Callback):
 
     def _combine(self):
         tracker, self.tracker = getattr(self, 'tracker', None), None
-        if tracker is None or not dist.is_initialized() or dist.get_world_size() == 1: return
+        if tracker is None: return
+        tracker.unwatch()
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, tracker.shares())
-        for line in tracker.combine(everyone):
-            warnings.warn(f"mpify_fastai: {line}; each rank reports its own shard's value")
+        phase = dict(training=self.training, epoch=getattr(self, 'epoch', 0), n_epoch=getattr(self, 'n_epoch', 1))
+        problems = tracker.combine(everyone, phase)
+        if not problems: return
+        _take_rank0_state(tracker.mets, sorted(problems))
+        warned = self.__dict__.setdefault('warned', set())
+        for i, why in problems.items():
+            m = tracker.mets[i]
+            name = getattr(m, 'name', type(m).__name__)
+            if dist.get_rank() != 0 or name in warned: continue
+            warned.add(name)
+            msg = (f"metric {name} ({type(m).__name__}) cannot be made exact across ranks: {why}. Every rank reports "
+                   f"rank 0's shard's value; a metric whose accumulate reads only learn.pred, yb, xb and loss is exact")
+            warnings.warn(msg, InexactMetricWarning)

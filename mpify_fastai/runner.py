@@ -45,6 +45,7 @@ class DistributedRunner(ExactMetrics):
         self.sync_bn,self.ddp_kwargs,self.training_fit = sync_bn,ddp_kwargs,False
 
     def before_fit(self):
+        super().before_fit()
         self.rank, self.world = rank_world()
         self.device = local_device()
         self.learn.model.to(self.device)
