@@ -122,9 +122,13 @@ def _added(values: list):
     in float64; pandas objects label by label; booleans, numbers of numpy and torch too, stay booleans: any)."""
     first = values[0]
     if isinstance(first, (bool, np.bool_)): return type(first)(any(values))
-    if isinstance(first, torch.Tensor) and first.is_floating_point() and first.dtype != torch.float64:
-        return functools.reduce(operator.add, [v.double() for v in values]).to(first.dtype)
     if _pandas(first): return functools.reduce(lambda a, b: a.add(b, fill_value=0), values)
+    t = next((v for v in values if isinstance(v, torch.Tensor)), None)   # a rank that saw no batch may hold a plain 0
+    if t is not None:
+        wide = torch.float64 if t.is_floating_point() else t.dtype
+        return functools.reduce(operator.add, [torch.as_tensor(v).to(wide) for v in values]).to(t.dtype)
+    a = next((v for v in values if isinstance(v, np.ndarray)), None)
+    if a is not None: values = [np.asarray(v, a.dtype) for v in values]
     return functools.reduce(operator.add, values)
 
 def _slice(v, s: int, e: int):
@@ -290,10 +294,12 @@ class MetricTracker:
                             {k: [batch[i][k] for batch in self.marks] for k in kinds if kinds[k] == GROW})
                 for i, (m, kinds) in enumerate(zip(self.mets, self._known_kinds()))]
 
-    def combine(self, shares_by_rank: list[list], phase: dict) -> dict[int, str]:
+    def combine(self, shares_by_rank: list[list], phase: dict | None = None) -> dict[int, str]:
         """Set each metric's state to the whole set's from every rank's `shares()` (in rank order, so every rank gets the
-        same); returns, by position, why a metric could not be made exact (those then take rank 0's state)."""
-        problems = {}
+        same; `phase`: the Learner's `training`, `epoch`, `n_epoch` for a replay); returns, by position, why a metric
+        could not be made exact (those then take rank 0's state)."""
+        self.unwatch()
+        problems, phase = {}, phase or {}
         for i, (m, kinds) in enumerate(zip(self.mets, self._known_kinds())):
             shares = [r[i] for r in shares_by_rank]
             if i in self.inputs:

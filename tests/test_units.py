@@ -139,7 +139,7 @@ def _local_and_ranks(make, pred, y, world, bs=4):
 
 def _combine_all(trackers: list[MetricTracker]) -> list[list[str]]:
     shares = [t.shares() for t in trackers]
-    return [t.combine(shares) for t in trackers]
+    return [list(t.combine(shares).values()) for t in trackers]
 
 def _value(m) -> float: return float(m.value)
 
@@ -193,19 +193,14 @@ def test_equal_length_per_batch_lists_concatenate_not_add():
     _combine_all(ranks)
     assert _value(ranks[1].mets[1]) == 6.0 and ranks[1].mets[0].vals == whole[0].vals
 
-def test_stateless_and_none_metrics_keep_their_own_value_and_say_why():
-    "`ValueMetric` and a metric whose reset() assigns nothing or None keep the rank's own value; each is named, with why; `AvgSmoothLoss` is left alone."
+def test_metrics_without_accumulators_are_replayed_to_the_whole_set():
+    "`ValueMetric` and a metric whose reset() assigns nothing or None are replayed: the local value on every rank, no problem; `AvgSmoothLoss` is left alone."
     pred, y = _metric_data()
     make = lambda: [AvgSmoothLoss(), ValueMetric(lambda: 1.0, 'one'), LastBatchAccuracy(), NoneStart(), IntCounter()]
-    _, ranks = _local_and_ranks(make, pred, y, 2)
-    own = [m.value for m in ranks[0].mets[2:4]]
+    whole, ranks = _local_and_ranks(make, pred, y, 2)
     assert ranks[0].shares()[0] is None
-    problems = _combine_all(ranks)[0]
-    assert problems == ['metric ValueMetric: its reset() assigns nothing to add up across ranks',
-                        'metric LastBatchAccuracy: its reset() assigns nothing to add up across ranks',
-                        'metric NoneStart: its reset() leaves None, which says nothing of how it adds up: assign what '
-                        'it starts from (0 for a sum, [] for a list that grows)']
-    assert [m.value for m in ranks[0].mets[2:4]] == own
+    assert _combine_all(ranks) == [[], []]
+    for t in ranks: assert [_value(m) for m in t.mets[1:]] == pytest.approx([_value(m) for m in whole[1:]], abs=1e-6)
 
 def test_kinds_come_from_reset_not_from_values():
     "What reset() leaves decides: an empty list grows, a filled one is a fixed vector, numbers and filled tensors add."
