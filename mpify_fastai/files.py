@@ -2,12 +2,12 @@
 or job); files with no name at all, freed with the last process that holds them (a call's data in /dev/shm); and private
 folders named after their process, swept once that process is gone (even SIGKILLed)."""
 from __future__ import annotations
-import os, shutil, tempfile, time
+import errno, os, shutil, tempfile, time
 from pathlib import Path
 from typing import BinaryIO, Callable
 from .procfs import pid_alive, process_state
 
-__all__ = ['atomic_write', 'owned_tempdir', 'sweep_dead_dirs', 'sweep_torch_shm', 'shm_root', 'AnonymousFile']
+__all__ = ['atomic_write', 'atomic_move', 'owned_tempdir', 'sweep_dead_dirs', 'sweep_torch_shm', 'shm_root', 'AnonymousFile']
 
 _PREFIX = 'mpify-'
 
@@ -93,3 +93,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], m
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+def atomic_move(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    "Move `src` to `dst` in one step (a rename; across filesystems a whole copy renamed into place), then `src` is gone."
+    try: os.replace(src, dst)
+    except OSError as e:
+        if e.errno != errno.EXDEV: raise
+        with open(src, 'rb') as f: atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
+        os.unlink(src)
+    return Path(dst)

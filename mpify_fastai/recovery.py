@@ -35,8 +35,9 @@ def merged_history(hist: dict, old: dict, done: int) -> dict:
 
 class EpochCheckpoint(Callback):
     """Rank 0 saves `learner_result` plus `completed_epoch` (and `tags`) to `path` at each epoch end, atomically, after
-    the Recorder's row. In a fit that starts at `start_epoch` after the epochs of `history`, it skips the epochs before
-    and saves the whole history, so a resume from it (or a second restart) has every row."""
+    the Recorder's row, and at the fit's end its result, marked `finished` (a restart that finds it trains nothing). In a
+    fit that starts at `start_epoch` after the epochs of `history`, it skips the epochs before and saves the whole history,
+    so a resume from it (or a second restart) has every row."""
     order = 70
     def __init__(self, path: str | os.PathLike, start_epoch: int = 0, history: dict | None = None, **tags):
         self.path,self.start,self.history,self.tags = path,start_epoch,history,tags
@@ -44,7 +45,11 @@ class EpochCheckpoint(Callback):
         if rank_world()[0] != 0 or self.epoch < self.start: return
         res = learner_result(self.learn)
         if self.history: res['recorder'] = merged_history(res['recorder'], self.history, self.start)
-        atomic_write(self.path, lambda f: torch.save({**res, 'completed_epoch': self.epoch, **self.tags}, f))
+        self._save(res)
+    def after_fit(self):   # after ResumedHistory (51): the rows are whole
+        if rank_world()[0] == 0: self._save(learner_result(self.learn), finished=True)
+    def _save(self, res: dict, **marks):
+        atomic_write(self.path, lambda f: torch.save({**res, 'completed_epoch': self.epoch, **marks, **self.tags}, f))
 
 class ResumedHistory(Callback):
     "After a fit that skipped to `start_epoch`: the rows and losses of `history`'s epochs before it back in front."
@@ -78,13 +83,14 @@ def resume_callbacks(learn: Learner, method: str, kwargs: dict, checkpoint: str 
     return kwargs, [EpochCheckpoint(checkpoint, start, history, **tags)] + ([ResumedHistory(history, start)] if history else [])
 
 def resumable_checkpoint(checkpoint: Path, method: str, digest: str) -> dict | None:
-    "The torchrun checkpoint to resume from: one this very job (`digest`) wrote, for a schedule that can skip epochs."
-    if method not in RESUMABLE or not checkpoint.exists(): return None
+    """The torchrun checkpoint to go on from: one this very job (`digest`) wrote, for a schedule that can skip epochs, or
+    its `finished` result (any schedule)."""
+    if not checkpoint.exists(): return None
     ck = torch.load(checkpoint, weights_only=False)
     if ck.get('job_digest') != digest:
         print(f"mpify_fastai: ignoring {checkpoint}: another job wrote it; starting from epoch 0", flush=True)
         return None
-    return ck
+    return ck if method in RESUMABLE or ck.get('finished') else None
 
 # ---------------------------------------------------------------- the caller's side: restarts, interrupts, failures
 
@@ -118,11 +124,16 @@ def with_restarts(attempt: Callable[[dict | None, int], dict], checkpoint: str, 
                   say: Callable[[str, int], None]) -> dict:
     """`attempt(resumed, restart)` until it returns, relaunched from the last completed epoch in `checkpoint` (None for a
     schedule that cannot skip epochs) after each restartable failure, up to `max_restarts` times; `say(message, epoch)`
-    tells the user why and from where."""
+    tells the user why and from where. A failure after rank 0 saved its `finished` result returns that result, relaunching
+    nothing."""
     restart = 0
     while True:
         try: return attempt(last_checkpoint(checkpoint) if restart and method in RESUMABLE else None, restart)
         except LaunchError as e:
+            if restartable(e) and (ck := last_checkpoint(checkpoint)) is not None and ck.get('finished'):
+                say(f"mpify_fastai: {e.args[0].splitlines()[0]} after rank 0 had written the result: the run is finished, "
+                    "nothing restarts", ck['completed_epoch'] + 1)
+                return ck
             if restart >= max_restarts or not restartable(e): raise
             restart += 1
             ck = last_checkpoint(checkpoint) if method in RESUMABLE else None

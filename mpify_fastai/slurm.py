@@ -4,7 +4,8 @@ The job's folder holds everything it needs: the job file (`save_job`, mode 0600)
 is one rank (`TorchDistributedEnvironment`) and trains with the torchrun path's `run_job`; rank 0 appends its progress to
 an `EventLog` there, which the caller tails into the same table as `fit_ddp`, and writes the result, which the caller
 applies with `apply_result`. Each epoch is checkpointed: a requeued job (preemption, time limit through submitit's
-checkpoint protocol, `scontrol requeue`) goes on from the last completed one. `wait=False` gives a `SlurmRun` at once;
+checkpoint protocol, `scontrol requeue`) goes on from the last completed one; one requeued after the result was written
+finds it and exits without training or writing anything. `wait=False` gives a `SlurmRun` at once;
 `attach(folder, learn)` finds it again after a kernel restart.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from fastcore.foundation import L
 from .errors import ArgumentError, LaunchError, WorkerError, surfaces_errors, user_traceback
 from .files import atomic_write
 from .group import peer_failure
-from .job import run_job, save_job
+from .job import RunFinished, run_job, save_job
 from .progress import EventLog, FitResumed, ProgressDisplay
 from .recovery import keep_checkpoint, last_checkpoint, stopped_at_checkpoint
 from .state import apply_result
@@ -162,6 +163,9 @@ class SlurmRun:
             if isinstance(ev, FitResumed):
                 display.restarting(f"mpify_fastai: SLURM job {self.job_id} was requeued (restart {ev.attempt}); going on "
                                    f"from epoch {ev.epoch}", ev.epoch)
+            elif isinstance(ev, RunFinished):
+                display.restarting(f"mpify_fastai: SLURM job {self.job_id} was started again (restart {ev.attempt}) after "
+                                   "it had written its result: it trained nothing and left the result as it was", 0)
             else: display(0, ev)
 
     def _failures(self) -> list[TaskFailure]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import helpers
 from helpers import free_port
+from recovery_helpers import MOMENTS
 
 TESTS = Path(__file__).resolve().parent
 _SCRIPT = Path(sys.executable).with_name('torchrun')
@@ -264,10 +265,11 @@ def test_one_node_two_processes(tmp_path):
     assert not list(tmp_path.glob('*.ckpt')) and not list(tmp_path.glob('.*tmp*'))
     load_and_validate(learn, tmp_path / 'result.pth', 2)
 
-def _restart_run(tmp_path, n_epoch: int, kills: dict, max_restarts: int) -> str:
+def _restart_run(tmp_path, n_epoch: int, kills: dict | None, max_restarts: int, cbs: list = ()) -> str:
+    "Train with rank 1 SIGKILLed at the end of epoch `kills[attempt]` (`KillRank`), or as `cbs` do."
     from job_helpers import KillRank
     learn = digits_learner()
-    save_job(learn, tmp_path / 'job.pkl', n_epoch, cbs=[KillRank(kills)])
+    save_job(learn, tmp_path / 'job.pkl', n_epoch, cbs=[KillRank(kills)] if kills else list(cbs))
     (rc, out), = torchrun([(rdzv(free_port(), 1, 2, f'--max-restarts={max_restarts}') + RUN, tmp_path)], tmp_path, timeout=270)
     assert rc == 0, out[-8000:]
     assert not (tmp_path / 'result.pth.ckpt').exists(), "the checkpoint outlived a finished job"
@@ -287,6 +289,42 @@ def test_second_restart_resumes_with_complete_history(tmp_path):
     "Two failures, in the first attempt and in the resumed one: the history still has every epoch once."
     out = _restart_run(tmp_path, 3, {0: 0, 1: 1}, max_restarts=2)
     for e in (0, 1): assert out.count(f'resuming from result.pth.ckpt after epoch {e}') == 1, out[-8000:]
+
+@pytest.mark.parametrize('moment', [pytest.param(m, marks=() if m == 'result' else pytest.mark.slow) for m in MOMENTS])
+def test_restart_at_each_moment_resumes_from_the_last_completed_epoch(tmp_path, moment):
+    """torchrun --max-restarts=1, rank 1 SIGKILLed once at `moment` of fit_one_cycle(3): the restarted group trains only
+    the epochs after the last checkpointed one (all of them before the first epoch ended, none once the last one is
+    checkpointed); killed after rank 0 wrote the result, the restarted group finds this job's result there and trains and
+    writes nothing. One result, one row per epoch, the one-cycle schedule, = validate()."""
+    from recovery_helpers import StopAt
+    result = tmp_path / 'result.pth'
+    out = _restart_run(tmp_path, 3, None, 1, cbs=[StopAt(str(tmp_path), moment, result=str(result) if moment == 'result' else None)])
+    epochs = (tmp_path / 'epochs').read_text().splitlines()
+    again = {'first_epoch': ['1 0', '1 1', '1 2'], 'last_epoch': ['1 2'], 'last_epoch_end': [], 'result': []}[moment]
+    assert epochs == ['0 0', '0 1', '0 2'][:3 if moment != 'first_epoch' else 1] + again, epochs
+    assert sorted(os.listdir(tmp_path)) == sorted(['job.pkl', 'result.pth', 'epochs', 'attempts', 'torchrun-0.log']
+                                                  + (['result-seen'] if moment == 'result' else []))
+    finished = 'this job already finished: result.pth holds its result; nothing is trained or written'
+    if moment == 'result':
+        st = result.stat()
+        assert (tmp_path / 'result-seen').read_text() == f"{st.st_mtime_ns} {st.st_size}", "the result was rewritten"
+        assert (tmp_path / 'attempts').read_text().split() == ['0'] and out.count(finished) == 1, out[-8000:]
+    else: assert (tmp_path / 'attempts').read_text().split() == ['0', '1'] and finished not in out, out[-8000:]
+
+def test_result_of_another_job_is_not_taken_for_this_ones(tmp_path, capsys):
+    "Only a result that carries this job's digest finishes it: one of another job, of no job, or not a result at all is replaced."
+    import torch
+    from mpify_fastai.job import holds_result
+    res = tmp_path / 'result.pth'
+    assert not holds_result(res, 'a' * 64)
+    torch.save({'state_dict': {}, 'job_digest': 'a' * 64}, res)
+    assert holds_result(res, 'a' * 64) and capsys.readouterr().out == ''
+    for other in ({'state_dict': {}, 'job_digest': 'b' * 64}, {'state_dict': {}}):
+        torch.save(other, res)
+        assert not holds_result(res, 'a' * 64)
+    res.write_text('not a result')
+    assert not holds_result(res, 'a' * 64)
+    assert capsys.readouterr().out.count(f"{res} holds another job's result; this job's will replace it") == 3
 
 BUILD = '''
 import os

@@ -7,7 +7,7 @@ import helpers
 from fastai.metrics import accuracy
 from fastai_helpers import digits_dls_plain, mlp, params_of, sgd_learner, bitwise_equal
 from mpify_fastai import WorkerDied, WorkerError
-from recovery_helpers import KillOnce, RaiseEverywhere
+from recovery_helpers import MOMENTS, KillOnce, RaiseEverywhere, StopAt
 
 pytestmark = pytest.mark.usefixtures('no_leftovers')
 
@@ -27,6 +27,23 @@ def test_dead_worker_restarts_from_last_epoch(tmp_path):
     _rows_match_validate(learn, 4)
     assert (tmp_path / 'attempts').read_text().split() == ['0', '1']
     assert (tmp_path / 'epochs').read_text().splitlines() == ['0 0', '0 1', '0 2', '1 3']
+
+@pytest.mark.parametrize('moment', MOMENTS)
+def test_restart_at_each_moment_resumes_from_the_last_completed_epoch(tmp_path, capsys, moment):
+    """rank 1 SIGKILLed once at `moment` of fit_one_cycle(3), max_restarts=1: the second attempt trains only the epochs
+    after the last checkpointed one (all of them before the first epoch ended, none once the last one is checkpointed);
+    killed after rank 0 saved the result, nothing restarts and that result is the Learner's. Rows once each, = validate()."""
+    learn = _learner()
+    learn.ddp(nprocs=2, max_restarts=1).fit_one_cycle(3, 0.1, cbs=[StopAt(str(tmp_path), moment)])
+    _rows_match_validate(learn, 3)
+    epochs = (tmp_path / 'epochs').read_text().splitlines()
+    again = {'first_epoch': ['1 0', '1 1', '1 2'], 'last_epoch': ['1 2'], 'last_epoch_end': [], 'result': []}[moment]
+    assert epochs == ['0 0', '0 1', '0 2'][:3 if moment != 'first_epoch' else 1] + again, epochs
+    out = capsys.readouterr()
+    attempts = (tmp_path / 'attempts').read_text().split()
+    if moment == 'result':
+        assert attempts == ['0'] and 'after rank 0 had written the result: the run is finished, nothing restarts' in out.out + out.err
+    else: assert attempts == ['0', '1'] and 'restarting from epoch' in out.out + out.err
 
 def test_death_without_restarts_keeps_the_checkpoint(tmp_path):
     "Without restarts a death fails the call, the Learner stays as it was, and one call applies the last epoch's checkpoint."

@@ -27,10 +27,16 @@ class SeedAtFit(Callback):
         random.seed(0); np.random.seed(0); torch.manual_seed(0)
 
 class RaiseOnRank(Callback):
-    "Rank `rank` raises at its first batch."
+    "Rank `rank` raises as the fit begins, before any collective (order 0: before the DistributedRunner wraps the model)."
     def __init__(self, rank: int = 1): self.rank = rank
-    def after_batch(self):
+    def before_fit(self):
         if int(os.environ.get('RANK', 0)) == self.rank: raise ValueError(f"rank {self.rank} fails on purpose")
+
+class StallRank(Callback):
+    "Rank `rank` works on alone for `seconds` as the fit begins (rank-0-only work before any collective)."
+    def __init__(self, rank: int = 0, seconds: float = 120): self.rank,self.seconds = rank,seconds
+    def before_fit(self):
+        if int(os.environ.get('RANK', 0)) == self.rank: time.sleep(self.seconds)
 
 class SlowEpochs(Callback):
     "Each epoch ends `seconds` later (after its checkpoint): time to interrupt or requeue a run mid-way."
@@ -128,14 +134,19 @@ def test_two_node_job_trains_as_fit_ddp_does(executor, slurm, capsys):
     assert any(n in ('n[1-2]', 'n1,n2') for n in nodes), nodes   # the job spanned both nodes
     print(f"SLURM job: {took:.1f} s", file=sys.stderr)
 
-def test_failing_rank_is_reported_with_its_traceback(executor):
-    "Rank 1 raises: a WorkerError naming rank 1, with its traceback read from the job's files; the Learner is untouched."
+def test_failing_rank_is_reported_with_its_traceback_and_the_others_cancelled(executor, slurm):
+    """Rank 1 raises while rank 0 works on alone for 120 s: the job is cancelled at once, as fit_ddp stops its workers (the
+    error within 30 s of rank 1's failure, the queue empty 15 s later); a WorkerError naming rank 1, with its traceback
+    read from the job's files; the Learner is untouched."""
     from mpify_fastai import WorkerError
     learn = digits_learner()
     before = [p.detach().clone() for p in learn.model.parameters()]
-    with pytest.raises(WorkerError) as e: learn.ddp(executor=executor).fit(2, LR, cbs=[RaiseOnRank(1)])
+    with pytest.raises(WorkerError) as e: learn.ddp(executor=executor).fit(2, LR, cbs=[RaiseOnRank(1), StallRank(0, 120)])
+    failed = time.time() - (run_folder(executor) / 'failure-1.json').stat().st_mtime
+    assert failed < 30, f"the job went on {failed:.0f} s after rank 1 failed"
+    assert_queue_empty(slurm, within=15)
     assert e.value.rank == 1 and e.value.exc_type == 'ValueError', str(e.value)
-    assert 'rank 1 fails on purpose' in str(e.value) and 'in after_batch' in e.value.remote_traceback, str(e.value)
+    assert 'rank 1 fails on purpose' in str(e.value) and 'in before_fit' in e.value.remote_traceback, str(e.value)
     assert all((a == b).all() for a, b in zip(before, learn.model.parameters()))
 
 def test_executor_without_schedule_or_with_nprocs_is_refused(executor):
@@ -170,6 +181,42 @@ def test_event_log_hands_out_whole_events_only(tmp_path):
 def test_attach_to_a_folder_without_runs_says_so(tmp_path):
     from mpify_fastai import ArgumentError, attach
     with pytest.raises(ArgumentError, match='holds no mpify_fastai SLURM run'): attach(tmp_path, digits_learner())
+
+def requeue(slurm, job_id: str):
+    "`scontrol requeue` the job and start it again at once (not after SLURM's BeginTime hold)."
+    slurm.run('scontrol', 'requeue', job_id)
+    wait_for(lambda: slurm.run('squeue', '-h', '-j', job_id, '-o', '%T').strip() == 'PENDING', 30, "the job was not requeued")
+    slurm.run('scontrol', 'update', f'jobid={job_id}', 'StartTime=now', check=False)
+
+def folder_files(folder: Path) -> dict:
+    "Every file of a run folder but its event log: name -> (bytes, mtime)."
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.name != 'events.log'}
+
+def test_finished_job_requeued_never_trains_again(executor, slurm, capsys):
+    """A job requeued after it wrote its result (`scontrol requeue` of the finished job, as when a requeue comes in a job's
+    last seconds and it finishes inside the kill grace): the requeued job finds the result, says so in the event log and
+    the table, trains nothing and rewrites nothing; the Learner keeps what it applied."""
+    from mpify_fastai import attach
+    from mpify_fastai.job import RunFinished
+    from mpify_fastai.progress import EventLog, FitStarted, RowLogged
+    learn = digits_learner()
+    learn.ddp(executor=executor).fit_one_cycle(2, LR)
+    run, applied = attach(run_folder(executor), learn), rows(learn)
+    log = EventLog(run.folder / 'events.log')
+    assert sum(isinstance(e, RowLogged) for e in log.read()) == 2
+    before = folder_files(run.folder)
+    assert 'result.pth' in before and 'result.pth.ckpt' not in before, before.keys()
+    requeue(slurm, run.job_id)
+    wait_for(lambda: not slurm.jobs(), 120, "the requeued job did not end")
+    again = log.read()
+    assert again == [RunFinished(1)], f"the requeued job logged {again}"
+    assert not any(isinstance(e, (FitStarted, RowLogged)) for e in again)
+    assert folder_files(run.folder) == before, "the finished run's folder was rewritten"
+    capsys.readouterr()
+    run.progress()
+    out = helpers.strip_ansi(capsys.readouterr().out)
+    assert f'SLURM job {run.job_id} was started again (restart 1) after it had written its result: it trained nothing' in out, out
+    assert rows(learn) == applied
 
 SCRIPT = '''
 import submitit, sys
