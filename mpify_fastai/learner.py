@@ -39,7 +39,7 @@ class FitOptions(OptionRecord):
         n = self.max_restarts
         if isinstance(n, bool) or not isinstance(n, int) or n < 0: raise ArgumentError(f"max_restarts must be an int >= 0, got {n!r}")
 
-_OPTION_RECORDS = (LaunchOptions, GroupOptions, FitOptions)
+_OPTION_RECORDS = (LaunchOptions, GroupOptions, FitOptions, DDPOptions)
 
 def _default_nprocs(nprocs: int | None) -> int:
     if nprocs is not None: return check_nprocs(nprocs)
@@ -63,16 +63,15 @@ class DDPMethods:
     `.fit_flat_cos`, `.fit_sgdr`: the result is applied to the Learner), inference (`.get_preds`, `.tta`, `.validate`:
     each rank predicts its shard, the result comes back as a local call returns it) or `.lr_find` (the Learner's
     weights stay as they were; its recorder gets the lrs and losses). Each takes the Learner method's own arguments."""
-    def __init__(self, learn: Learner, nprocs: int | None = None, factory: Callable | None = None, sync_bn: bool = True,
-                 ddp_kwargs: dict | None = None, executor=None, wait: bool = True, **options):
+    def __init__(self, learn: Learner, nprocs: int | None = None, factory: Callable | None = None, executor=None,
+                 wait: bool = True, **options):
         if factory is not None and not callable(factory):
             raise ArgumentTypeError("factory must be a zero-argument function that returns a Learner")
         if executor is not None and nprocs is not None:
             raise ArgumentError("nprocs and executor= exclude each other: the executor's SLURM tasks are the ranks")
         self.learn,self.factory,self.executor,self.wait = learn,factory,executor,wait
         self.nprocs = None if executor is not None else _default_nprocs(nprocs)
-        self.ddp = DDPOptions(sync_bn, ddp_kwargs)
-        self.launch_options, self.group, self.fit_options = (r.take(options) for r in _OPTION_RECORDS)
+        self.launch_options, self.group, self.fit_options, self.ddp = (r.take(options) for r in _OPTION_RECORDS)
         if options:
             known = [f.name for r in _OPTION_RECORDS for f in fields(r)]
             raise ArgumentTypeError(f"unexpected launch option(s): {', '.join(sorted(options))}; known: {', '.join(known)}")
@@ -164,34 +163,33 @@ for _name in METHODS: setattr(DDPMethods, _name, _ddp_method(_name))
 
 @surfaces_errors
 @with_options(*_OPTION_RECORDS)
-def learner_ddp(self: Learner, nprocs: int | None = None, factory: Callable | None = None, sync_bn: bool = True,
-                ddp_kwargs: dict | None = None, executor=None, wait: bool = True, **options) -> DDPMethods:
+def learner_ddp(self: Learner, nprocs: int | None = None, factory: Callable | None = None, executor=None,
+                wait: bool = True, **options) -> DDPMethods:
     """Run the next call under DDP on `nprocs` workers, e.g. `learn.ddp(nprocs=2).fine_tune(3)` or `.get_preds()`; with a
     submitit `executor`, a schedule runs as one SLURM job (`wait=False`: its `SlurmRun` at once)."""
-    return DDPMethods(self, nprocs, factory, sync_bn, ddp_kwargs, executor, wait, **options)
+    return DDPMethods(self, nprocs, factory, executor, wait, **options)
 patch_to(Learner, nm='ddp')(learner_ddp)
 
 @surfaces_errors
 @with_options(*_OPTION_RECORDS)
 def learner_fit_ddp(self: Learner, n_epoch: int, lr=None, wd=None, cbs=None, reset_opt: bool = False, start_epoch: int = 0, *,
-                    nprocs: int | None = None, factory: Callable | None = None, sync_bn: bool = True,
-                    ddp_kwargs: dict | None = None, **options) -> None:
+                    nprocs: int | None = None, factory: Callable | None = None, **options) -> None:
     "`Learner.fit` on `nprocs` DDP workers; the notebook's Learner gets rank 0's weights, history and optimizer state."
-    DDPMethods(self, nprocs, factory, sync_bn, ddp_kwargs, **options).fit(n_epoch, lr=lr, wd=wd, cbs=cbs,
-                                                                          reset_opt=reset_opt, start_epoch=start_epoch)
+    DDPMethods(self, nprocs, factory, **options).fit(n_epoch, lr=lr, wd=wd, cbs=cbs, reset_opt=reset_opt,
+                                                     start_epoch=start_epoch)
 patch_to(Learner, nm='fit_ddp')(learner_fit_ddp)   # the method `learn.fit_ddp`; the module's `fit_ddp` is the function form
 
 @surfaces_errors
 @with_options(*_OPTION_RECORDS)
 def fit_ddp(factory: Callable[[], Learner], n_epoch: int, lr=None, *, nprocs: int | None = None, method: str = 'fit',
-            sync_bn: bool = True, ddp_kwargs: dict | None = None, **kwargs) -> Learner:
+            **kwargs) -> Learner:
     """Function form: build the Learner with `factory()` in each worker, train with `method` (`fit` by default; the
     schedule's own arguments go in `kwargs`), and return a Learner built here by the same factory, holding the result."""
     if not callable(factory): raise ArgumentTypeError("factory must be a zero-argument function that returns a Learner")
     if method not in SCHEDULES: raise ArgumentError(f"method must be one of {SCHEDULES}, got {method!r}")
     options = {f.name: kwargs.pop(f.name) for r in _OPTION_RECORDS for f in fields(r) if f.name in kwargs}
     if lr is not None: kwargs[_LR_NAME[method]] = lr
-    methods = DDPMethods(None, nprocs, factory, sync_bn, ddp_kwargs, **options)
+    methods = DDPMethods(None, nprocs, factory, **options)
     call_arguments(method, (n_epoch,), kwargs)
     methods.learn = learn = factory()
     getattr(methods, method)(n_epoch, **kwargs)

@@ -1,9 +1,11 @@
-"""Each rank's share of a fastai DataLoader: training shares of one shared epoch order, validation in the local run's
-whole batches, a language model's loader by text streams; and each rank's share of the host's loader workers.
+"""Each rank's share of a fastai DataLoader: training shares of one shared epoch order (every world-th index, or, with
+`split_dl`, a slice of every local batch), validation in the local run's whole batches, a language model's loader by
+text streams; and each rank's share of the host's loader workers.
 """
 from __future__ import annotations
 import os, random
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 import numpy as np
 import torch
 from fastai.torch_core import defaults, to_detach
@@ -11,9 +13,9 @@ from ._private import loader_workers, set_loader_workers
 from .group import rank_world
 from .worker import seed_global_rngs
 
-__all__ = ['shard_dl', 'unshard_dl', 'share_loader_workers']
+__all__ = ['shard_dl', 'split_dl', 'BatchSplit', 'unshard_dl', 'share_loader_workers']
 
-_SHARD_ATTRS = ('get_idxs', 'to_detach', 'n', 'rng', 'bs', 'create_item')
+_SHARD_ATTRS = ('get_idxs', 'to_detach', 'n', 'rng', 'bs', 'create_item', 'drop_last')
 
 @contextmanager
 def _global_rngs_seeded(seed: int):
@@ -47,6 +49,47 @@ def shard_dl(dl, rank: int, world: int, pad: bool, seed: int, by_batch: bool = F
     dl.get_idxs, dl.n, dl.rng = get_idxs, per_rank, random.Random(seed)
     dl.to_detach = lambda b, cpu=True, gather=True: to_detach(b, cpu, gather=False)
     return saved
+
+@dataclass
+class BatchSplit:
+    """This rank's part of each local batch of a `split_dl` loader in the current epoch: `split[k]` is (items here, items
+    in local batch k); `every`: the same for every batch (a language model's streams). A rank with no item of a batch
+    loads that batch's first item, to step with the others."""
+    shares: list[tuple[int, int]] = field(default_factory=list)
+    every: tuple[int, int] | None = None
+    def __getitem__(self, k: int) -> tuple[int, int]: return self.every or self.shares[k]
+
+def _part(b: int, rank: int, world: int) -> slice:
+    "Rank `rank`'s contiguous part of a batch of `b` items: sizes differ by at most one, larger first (rank 0 always has one)."
+    q, extra = divmod(b, world)
+    lo = rank * q + min(rank, extra)
+    return slice(lo, lo + q + (rank < extra))
+
+def split_dl(dl, rank: int, world: int, seed: int) -> tuple[dict, BatchSplit]:
+    """Make training loader `dl` yield rank `rank`'s contiguous part of every batch the local run forms, from the local
+    epoch order drawn with a shared seed (as `shard_dl`): as many batches as locally, and the ranks' parts in rank order
+    are the local batch in its order. A language model's loader is split by streams (`shard_dl`: its batch split).
+    Returns what `unshard_dl` needs and the `BatchSplit` by which the runner weights each rank's loss."""
+    full_bs, n_batches = dl.bs, len(dl)
+    if _is_lm_loader(dl):
+        saved = shard_dl(dl, rank, world, pad=False, seed=seed)
+        return saved, BatchSplit(every=(dl.bs, full_bs))
+    if not full_bs: raise ValueError("split_batches needs a training DataLoader with a batch size (bs), not a prebatched one")
+    saved = {k: dl.__dict__[k] for k in _SHARD_ATTRS if k in dl.__dict__}
+    full_n, full_get_idxs, shared, split = dl.n, dl.get_idxs, random.Random(f'{seed}-global'), BatchSplit()
+    part_bs = max(1, len(range(full_bs)[_part(full_bs, rank, world)]))   # a rank without an item steps on one, weighted 0
+    def get_idxs():
+        dl.n, dl.bs = full_n, full_bs
+        try:
+            with _global_rngs_seeded(shared.getrandbits(63)): idxs = list(full_get_idxs())
+        finally: dl.n, dl.bs = n_batches * part_bs, part_bs
+        batches = [idxs[k:k + full_bs] for k in range(0, n_batches * full_bs, full_bs)]
+        parts = [b[_part(len(b), rank, world)] for b in batches]
+        split.shares = [(len(p), len(b)) for p, b in zip(parts, batches)]
+        return [i for p, b in zip(parts, batches) for i in (p or b[:1])]
+    dl.get_idxs, dl.n, dl.bs, dl.drop_last, dl.rng = get_idxs, n_batches * part_bs, part_bs, False, random.Random(seed)
+    dl.to_detach = lambda b, cpu=True, gather=True: to_detach(b, cpu, gather=False)
+    return saved, split
 
 def share_loader_workers(dl) -> int:
     """Give `dl` this rank's share of the host's DataLoader workers when it has fastai's default (one per core, up to

@@ -34,10 +34,14 @@ DRAWN_BY_CALLER = ('fastai.callback.progress.ProgressCallback', SHOW_GRAPH)   # 
 
 @dataclass(frozen=True)
 class DDPOptions(OptionRecord):
-    "How each rank wraps its model: SyncBatchNorm on GPUs (`sync_bn`), and DistributedDataParallel's own `ddp_kwargs`."
+    """How each rank trains: SyncBatchNorm on GPUs (`sync_bn`), DistributedDataParallel's own `ddp_kwargs`, and
+    `split_batches` (each step sees the local batch, split across the ranks, instead of one whole batch per rank)."""
     sync_bn: bool = True
     ddp_kwargs: dict | None = None
+    split_batches: bool = False
     def __post_init__(self):
+        if not isinstance(self.split_batches, bool):
+            raise ArgumentTypeError(f"split_batches must be True or False, got {self.split_batches!r}")
         if not isinstance(self.ddp_kwargs, (dict, type(None))):
             raise ArgumentTypeError(f"ddp_kwargs must be a dict of DistributedDataParallel arguments, got {type(self.ddp_kwargs).__name__}")
         object.__setattr__(self, 'ddp_kwargs', dict(self.ddp_kwargs or {}))
@@ -106,7 +110,7 @@ def fit_distributed(learn: Learner, method: str, args: tuple, kwargs: dict, ddp:
                     cbs: list = (), lead: list = ()) -> None:
     """Run schedule `method` on `learn` under `DistributedRunner` plus `cbs`; the callbacks in `lead` go first among
     those of their order, where fastai's ProgressCallback stood, so a logger on the Learner chains to theirs as locally."""
-    with learn.added_cbs([DistributedRunner(sync_bn=ddp.sync_bn, **ddp.ddp_kwargs)] + list(cbs)):
+    with learn.added_cbs([DistributedRunner(ddp.sync_bn, ddp.split_batches, **ddp.ddp_kwargs)] + list(cbs)):
         learn.cbs = L(list(lead) + [cb for cb in learn.cbs if not any(cb is x for x in lead)])
         try: getattr(learn, method)(*args, **kwargs)
         except RuntimeError as e:
@@ -140,12 +144,14 @@ class WorkerLRFinder(LRFinder):
 
 def find_lr_in_worker(job: DDPJob) -> dict | None:
     """Worker side of `learn.ddp(n).lr_find(...)`: the mock training of fastai's `lr_find` under DDP, each step's loss
-    that of the whole global batch (averaged across ranks); rank 0 returns the learning rates and losses.
+    that of the whole global batch (averaged across ranks; with `split_batches`, the local batch's, as a local `lr_find`);
+    rank 0 returns the learning rates and losses.
     `job.kwargs` are `Learner.lr_find`'s arguments by name."""
     rank, world = rank_world()
     learn, _ = worker_learner(job.source, {}, rank0_drops=DRAWN_BY_CALLER, quiet=True)
     p = job.kwargs
-    n_epoch = p['num_it'] // max(1, len(learn.dls.train) // world) + 1   # each rank steps through its share of an epoch
+    steps = len(learn.dls.train) // (1 if job.ddp.split_batches else world)   # a rank's steps in an epoch
+    n_epoch = p['num_it'] // max(1, steps) + 1
     finder = WorkerLRFinder(start_lr=p['start_lr'], end_lr=p['end_lr'], num_it=p['num_it'], stop_div=p['stop_div'])
     with learn.no_logging(): fit_distributed(learn, 'fit', (n_epoch,), {}, job.ddp, cbs=[finder])
     rec = learn.recorder

@@ -1,0 +1,162 @@
+"""`split_batches=True`: each local batch split across the ranks, so a DDP fit is the local fit. Real worker processes,
+a real gloo group, real fastai Learners on scikit-learn's digits (deterministic: no dropout, no BatchNorm, no
+augmentation, unshuffled), compared with the same Learner trained locally in the test process.
+"""
+from __future__ import annotations
+import inspect, json
+from functools import partial
+
+import pytest
+import torch
+from fastai.callback.training import GradientAccumulation
+from fastai.data.load import DataLoader
+from fastai.learner import Learner
+
+import mpify_fastai
+from mpify_fastai import in_torchddp
+from mpify_fastai.job import load_ddp_job
+from mpify_fastai.sharding import split_dl, unshard_dl
+
+import fastai_helpers as fh
+import split_helpers as sh
+
+TOL = 1e-5
+
+def _numbers(row) -> list[float]: return [float(x) for x in row if isinstance(x, (int, float))]
+
+def assert_same_fit(got: dict, want: dict, what: str) -> None:
+    "Two `learner_result`s agree: weights, every recorder row, every step's loss and lr, the optimizer state."
+    assert fh.max_abs_diff(got['state_dict'], want['state_dict']) < TOL, f"{what}: weights"
+    g, w = got['recorder'], want['recorder']
+    assert len(g['values']) == len(w['values']) and len(g['losses']) == len(w['losses']), f"{what}: rows or steps"
+    for a, b in zip(g['values'], w['values']):
+        assert len(_numbers(a)) == len(_numbers(b)) and max(abs(x - y) for x, y in zip(_numbers(a), _numbers(b))) < TOL, \
+            f"{what}: row {a} != local {b}"
+    assert max(abs(a - b) for a, b in zip(g['losses'], w['losses'])) < TOL, f"{what}: per-step (smoothed) losses"
+    assert g['lrs'] == pytest.approx(w['lrs'], rel=1e-9), f"{what}: learning rates"
+    assert len(got['opt']['state']) == len(want['opt']['state'])
+    for a, b in zip(got['opt']['state'], want['opt']['state']):
+        assert a.keys() == b.keys(), what
+        for k in a:
+            if isinstance(a[k], torch.Tensor): assert float((a[k] - b[k]).abs().max()) < TOL, f"{what}: optimizer {k}"
+            else: assert a[k] == b[k], f"{what}: optimizer {k}"
+
+@pytest.fixture(scope='module')
+def local_fits() -> dict:
+    fits = {name: sh.local_result(name) for name in sh.CASES}
+    init = fh.params_of(sh.case_learner('sgd_fit_uneven_last').model)
+    assert all(fh.max_abs_diff(f['state_dict'], init) > 1e-2 for f in fits.values()), "every local fit must move the weights"
+    return fits
+
+# ---------------------------------------------------------------- the local fit's model at any number of processes
+
+@pytest.mark.parametrize('nprocs', [1, 2, 3, 4])
+def test_split_batches_train_the_local_model(nprocs, local_fits, no_leftovers):
+    """Every case (SGD and Adam, fit and fit_one_cycle, an uneven last batch, bs no multiple of nprocs, a last batch of
+    one item, bs < nprocs, gradient accumulation) trained as `fit_ddp(split_batches=True)` trains it, in one launch:
+    weights, every recorder row (training metrics too), every step's loss and the optimizer state equal the local fit's."""
+    got = in_torchddp(nprocs, sh.fit_cases_in_worker, list(sh.CASES), gather=0, timeout=240)
+    for name, want in local_fits.items():
+        assert_same_fit(got[name], want, f"{name} at {nprocs} processes")
+        assert len(want['recorder']['losses']) == 2 * -(-sh.CASES[name][0] // sh.CASES[name][1]), "an epoch has the local steps"
+
+def test_split_batches_on_every_entry_point(local_fits, no_leftovers):
+    """`learn.fit_ddp(..., split_batches=True)` and the function form apply the local fit's result to the caller's
+    Learner (weights, rows, optimizer state); `learn.ddp(nprocs=3, split_batches=True).lr_find()` records the local
+    per-step losses and suggests what a local `lr_find` suggests."""
+    learn = sh.case_learner('adam_one_cycle_bs27')
+    learn.ddp(nprocs=3, split_batches=True, progress=False).fit_one_cycle(2, 1e-2)
+    from mpify_fastai.state import learner_result
+    assert_same_fit(learner_result(learn), local_fits['adam_one_cycle_bs27'], 'learn.ddp(nprocs=3).fit_one_cycle')
+
+    name = 'sgd_grad_accumulation'
+    trained = mpify_fastai.fit_ddp(partial(sh.case_learner, name), 2, 0.1, nprocs=2, split_batches=True, progress=False,
+                                   cbs=[GradientAccumulation(n_acc=40)])
+    assert_same_fit(learner_result(trained), local_fits[name], 'function form with GradientAccumulation')
+
+    learn, local = sh.case_learner('adam_one_cycle_bs27'), sh.case_learner('adam_one_cycle_bs27')
+    found = learn.ddp(nprocs=3, split_batches=True).lr_find(num_it=40, show_plot=False)
+    with local.no_bar(), local.no_logging(): want = local.lr_find(num_it=40, show_plot=False)
+    got_losses, want_losses = [float(l) for l in learn.recorder.losses], [float(l) for l in local.recorder.losses]
+    assert len(got_losses) == len(want_losses) == 40
+    assert max(abs(a - b) / max(1., abs(b)) for a, b in zip(got_losses, want_losses)) < TOL   # relative where they grow
+    assert learn.recorder.lrs == pytest.approx(local.recorder.lrs, rel=1e-9)
+    assert found.valley == pytest.approx(want.valley, rel=1e-6)
+
+def test_split_batches_travel_in_the_job_and_are_checked(tmp_path):
+    "The option is in every entry point's signature, travels inside a torchrun job file, and a bad value fails at once."
+    for entry in (Learner.fit_ddp, Learner.ddp, mpify_fastai.fit_ddp):
+        p = inspect.signature(entry).parameters['split_batches']
+        assert p.default is False and p.kind is inspect.Parameter.KEYWORD_ONLY
+    learn = sh.case_learner('sgd_fit_uneven_last')
+    job, _ = load_ddp_job(learn.save_ddp_job(tmp_path / 'job.pkl', 1, split_batches=True))
+    assert job.ddp.split_batches is True
+    assert learn.ddp(nprocs=2, split_batches=True).ddp.split_batches is True   # what a SLURM submission puts in its job
+    with pytest.raises(TypeError, match='split_batches must be True or False'): learn.fit_ddp(1, nprocs=2, split_batches=1)
+
+# ---------------------------------------------------------------- how a loader is split
+
+@pytest.mark.parametrize('world', [2, 3, 4])
+@pytest.mark.parametrize('n,bs,shuffle,drop_last', [(23, 6, False, False), (23, 6, True, False), (23, 6, True, True),
+                                                    (10, 3, True, False), (9, 3, False, False)])
+def test_split_dl_parts_make_up_the_local_batches(world, n, bs, shuffle, drop_last):
+    """Each rank steps as often as locally; in every batch the ranks' parts, in rank order, are one batch of the epoch
+    (the local batch itself when unshuffled), the parts' sizes differ by at most one, and a rank without an item loads
+    one, weighted 0. Undone, the loader is the local one again."""
+    make = lambda: DataLoader(list(range(n)), bs=bs, shuffle=shuffle, drop_last=drop_last)
+    local = [b.tolist() for b in make()]
+    ranks = []
+    for r in range(world):
+        dl = make()
+        saved, split = split_dl(dl, r, world, seed=7)
+        batches = [b.tolist() for b in dl]
+        assert len(dl) == len(batches) == len(local)
+        ranks.append((batches, list(split.shares)))
+        unshard_dl(dl, saved)
+        assert [b.tolist() for b in dl] == local if not shuffle else len(dl) == len(local)
+    epoch = []
+    for k in range(len(local)):
+        shares = [ranks[r][1][k] for r in range(world)]
+        parts = [ranks[r][0][k][:mine] for r, (mine, _) in enumerate(shares)]
+        assert all(len(ranks[r][0][k]) == max(1, mine) for r, (mine, _) in enumerate(shares))
+        assert {total for _, total in shares} == {len(local[k])} and sum(m for m, _ in shares) == len(local[k])
+        assert max(m for m, _ in shares) - min(m for m, _ in shares) <= 1
+        whole = [i for p in parts for i in p]
+        if not shuffle: assert whole == local[k]
+        epoch += whole
+    assert len(set(epoch)) == len(epoch) == sum(len(b) for b in local)
+
+# ---------------------------------------------------------------- what does not hold exactly: BatchNorm on CPU ranks
+
+def test_batchnorm_on_cpu_ranks_uses_each_ranks_share(no_leftovers):
+    """On gloo CPU ranks, torch's SyncBatchNorm does not run (DDP: 'SyncBatchNorm layers only work with GPU modules'):
+    BatchNorm normalizes each rank's part of the batch with that part's statistics, and the running statistics are rank
+    0's. One split step at 2 processes equals a local step that normalizes each half apart, and differs from the local fit."""
+    got = in_torchddp(2, sh.bn_step_in_worker, True, gather=0, timeout=120)
+    learn = sh.bn_learner()
+    x, y = learn.dls.train.one_batch()
+    model = learn.model.train()
+    out0 = model(x[:8])
+    running = {k: v.clone() for k, v in model.state_dict().items() if 'running' in k or 'num_batches' in k}
+    out1 = model(x[8:])
+    loss = (learn.loss_func(out0, y[:8]) * 8 + learn.loss_func(out1, y[8:]) * 8) / 16
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters(): p -= 0.5 * p.grad
+    ghost = {**fh.params_of(model), **running}
+    assert fh.max_abs_diff(got, ghost) < TOL
+    whole = sh.bn_learner()
+    with whole.no_bar(), whole.no_logging(): whole.fit(1, 0.5)
+    assert fh.max_abs_diff(got, fh.params_of(whole.model)) > 1e-3, "per-rank statistics must show against the whole batch's"
+
+# ---------------------------------------------------------------- each rank draws its own, whatever the factory seeds
+
+@pytest.mark.parametrize('split', [False, True])
+def test_ranks_draw_their_own_dropout_and_augmentation(tmp_path, split, no_leftovers):
+    """A factory that seeds every rank alike (`set_seed(42)` inside) still gives each rank its own dropout masks and
+    augmentation draws, in both modes: the runner folds the rank into the global RNGs."""
+    mpify_fastai.fit_ddp(partial(sh.seeded_learner, str(tmp_path)), 1, 1e-2, nprocs=2, split_batches=split, progress=False)
+    r0, r1 = (json.loads((tmp_path / f'rank{r}.json').read_text()) for r in (0, 1))
+    assert len(r0['draws']) == len(r1['draws']) > 0 and len(r0['mask']) == len(r1['mask']) > 0
+    same = [what for what in ('draws', 'mask') if r0[what] == r1[what]]
+    assert not same, f"the ranks drew the same {' and '.join(same)} (augmentation draws, dropout mask)"
