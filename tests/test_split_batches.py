@@ -160,3 +160,40 @@ def test_ranks_draw_their_own_dropout_and_augmentation(tmp_path, split, no_lefto
     assert len(r0['draws']) == len(r1['draws']) > 0 and len(r0['mask']) == len(r1['mask']) > 0
     same = [what for what in ('draws', 'mask') if r0[what] == r1[what]]
     assert not same, f"the ranks drew the same {' and '.join(same)} (augmentation draws, dropout mask)"
+
+# ---------------------------------------------------------------- slow: a language model, a torchrun job
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_language_model_split_by_streams_is_weighted():
+    """A language model's loader is split by text streams in both modes; with bs=8 at 3 processes the ranks hold 2, 3 and
+    3 streams, and `split_batches=True` weights their losses so the fit equals the local one (weights and rows to 1e-5)."""
+    import numpy as np
+    import app_helpers as ah
+    from fastai.metrics import Perplexity, accuracy
+    from fastai.text.all import AWD_LSTM, TextDataLoaders, language_model_learner
+    def lm():
+        dls = TextDataLoaders.from_df(df, text_col='text', valid_pct=0.2, bs=8, seq_len=16, is_lm=True, seed=0)
+        dls.train.shuffle = False
+        torch.manual_seed(0)
+        return language_model_learner(dls, AWD_LSTM, pretrained=False, config=ah.awd_config(True), drop_mult=1e-9,
+                                      metrics=[accuracy, Perplexity()])
+    df = ah.sentences_df(160)
+    local = lm()
+    with local.no_bar(), local.no_logging(): local.fit(2, 1e-2)
+    learn = lm()
+    learn.fit_ddp(2, 1e-2, nprocs=3, split_batches=True, progress=False)
+    assert fh.max_abs_diff(fh.params_of(learn.model), fh.params_of(local.model)) < TOL
+    rows = lambda l: np.array([_numbers(r) for r in l.recorder.values])
+    np.testing.assert_allclose(rows(learn), rows(local), rtol=TOL, atol=1e-6)
+
+@pytest.mark.slow
+def test_torchrun_job_trains_the_local_model(tmp_path, local_fits, no_leftovers):
+    "`save_ddp_job(..., split_batches=True)` under `torchrun --nproc-per-node=3` writes the local fit's result."
+    from helpers import free_port
+    from test_job import RUN, rdzv, torchrun
+    name = 'adam_one_cycle_bs27'
+    sh.case_learner(name).save_ddp_job(tmp_path / 'job.pkl', 2, 1e-2, method='fit_one_cycle', split_batches=True)
+    (rc, out), = torchrun([(rdzv(free_port(), 1, 3) + RUN, tmp_path)], tmp_path, timeout=240)
+    assert rc == 0, out[-6000:]
+    assert_same_fit(torch.load(tmp_path / 'result.pth', weights_only=False), local_fits[name], 'torchrun job')
