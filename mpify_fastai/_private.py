@@ -4,11 +4,11 @@ multiprocess, torch, numpy, fastai and the standard library give no public way t
 changes one of them breaks only this file. Nothing here imports torch or fastai: it reaches into what the caller has.
 """
 from __future__ import annotations
-import functools, os, subprocess, sys, threading
+import contextlib, functools, os, subprocess, sys, threading
 import multiprocess as mp
 from multiprocess import forkserver, spawn
 
-__all__ = ['forkserver_pid', 'stop_forkserver', 'start_forkserver', 'in_spawn_bootstrap', 'skip_missing_main_path',
+__all__ = ['forkserver_pid', 'stop_forkserver', 'start_forkserver', 'in_spawn_bootstrap', 'main_not_rerun',
            'nvml_gpu_count', 'ddp_ignore_parameters', 'numpy_frombuffer', 'LRU_CACHE_WRAPPER', 'LRU_CACHE_INFO',
            'valid_metrics', 'train_metrics', 'loader_workers', 'set_loader_workers']
 
@@ -46,18 +46,26 @@ def in_spawn_bootstrap() -> bool:
     "True in a spawned child still importing the main module: an unguarded script reaching a launch (no public flag)."
     return bool(getattr(mp.current_process(), '_inheriting', False))
 
-def skip_missing_main_path() -> None:
-    """A script read from stdin (`python - < train.py`) has `__main__.__file__ == '<stdin>'`, which multiprocess's children
-    would try to run as a file, and die: leave out a main path that is no file, as for a notebook. Idempotent."""
+_MAIN_KEYS = ('init_main_from_path', 'init_main_from_name')   # what makes a spawn/forkserver child re-run the main module
+_starting = threading.local()
+
+@contextlib.contextmanager
+def main_not_rerun():
+    """Processes multiprocess starts in this thread meanwhile (spawn, forkserver, and a fork server itself) do not re-run
+    the caller's main module (a script, `python -m mod`): its code reaches them by value, as a notebook's does. multiprocess
+    has no public switch; `get_preparation_data` is wrapped once, and acts only inside this block, so other pools keep theirs."""
     original = spawn.get_preparation_data
-    if getattr(original, 'skips_missing_main_path', False): return
-    def get_preparation_data(name):
-        data = original(name)
-        path = data.get('init_main_from_path')
-        if path is not None and not os.path.isfile(path): del data['init_main_from_path']
-        return data
-    get_preparation_data.skips_missing_main_path = True
-    spawn.get_preparation_data = get_preparation_data
+    if not getattr(original, 'mpify_wrapped', False):
+        def get_preparation_data(name):
+            data = original(name)
+            if getattr(_starting, 'active', False):
+                for k in _MAIN_KEYS: data.pop(k, None)
+            return data
+        get_preparation_data.mpify_wrapped = True
+        spawn.get_preparation_data = get_preparation_data
+    before, _starting.active = getattr(_starting, 'active', False), True
+    try: yield
+    finally: _starting.active = before
 
 # ---------------------------------------------------------------- torch
 

@@ -1,7 +1,7 @@
 """Error types raised by the launcher, each one saying what failed and where, and how they reach the user: from the
 line that made the call, without the library's frames (`surfaces_errors`)."""
 from __future__ import annotations
-import functools, os, traceback
+import functools, os, re, traceback
 from typing import Callable
 
 __all__ = ['UsageError', 'ArgumentError', 'ArgumentTypeError', 'NeedError', 'LaunchError', 'WorkerError', 'WorkerDied',
@@ -32,6 +32,12 @@ class WorkerError(LaunchError):
         super().__init__(f"{head}\n\n--- traceback from rank {rank} ---\n{remote_traceback.rstrip()}")
     def __reduce__(self):   # picklable (a nested launch sends it back as a cause), though __init__ takes several args
         return (type(self), (self.rank, self.exc_type, self.message, self.remote_traceback), self.__dict__)
+    @property
+    def in_stuck_collective(self) -> bool:
+        "Whether the rank raised because a collective waited past its timeout for peers that never came (gloo or NCCL)."
+        return bool(_COLLECTIVE_TIMEOUT.search(self.message))
+
+_COLLECTIVE_TIMEOUT = re.compile(r'Timed out waiting \d+ ?ms|Watchdog caught collective operation timeout')
 
 class WorkerDied(LaunchError):
     "A worker exited without a result: killed by a signal (OOM killer, `kill -9`) or `os._exit`."
@@ -50,7 +56,8 @@ class LaunchTimeout(LaunchError, TimeoutError):
     "The workers did not finish within `timeout` seconds; all of them were stopped."
 
 class MainGuardError(UsageError, LaunchError):
-    "A script started workers at import time: spawn re-imports the main module, so the launch must sit under the main guard."
+    """A launch from a process that is still importing the user's script as a spawned child of another pool: only
+    there does a script's top level run twice (the workers of a launch never run it)."""
 
 class PayloadError(UsageError, TypeError):
     "An argument (or `need` global) cannot be pickled for the workers; the message names where it sits."

@@ -21,6 +21,7 @@ __all__ = ['in_torchddp', 'TorchDDPCtx', 'GroupOptions', 'rank_world', 'local_ra
            'visible_gpu_count', 'peer_failure']
 
 BACKENDS = ('gloo', 'nccl')
+COLLECTIVE_TIMEOUT = 600.0   # seconds a collective may wait for its peers before it raises (and the caller shows every rank's stack)
 
 def visible_gpu_count() -> int:
     "GPUs this process could use, counted without creating a CUDA context here (NVML), so forked workers stay safe."
@@ -77,6 +78,7 @@ class TorchDDPCtx:
             raise ArgumentError(f"num_threads must be a positive int, got {num_threads!r}")
         self.backend,self.init_method,self.timeout_s = backend if use_gpu else (backend or 'gloo'),init_method,timeout_s
         self.devices,self.num_threads,self.world_size,self.owns,self.launched = devices,num_threads,world_size,False,False
+        self.planned = False   # made by a launch (`launch_env`): its worker exits right after leaving the group
 
     @contextmanager
     def launch_env(self, nprocs: int) -> Iterator[Callable[[int], dict]]:
@@ -84,6 +86,7 @@ class TorchDDPCtx:
         if self.world_size not in (None, nprocs):
             raise ArgumentError(f"world_size={self.world_size} but {nprocs} processes are launched: they must be equal here "
                              "(several hosts: save the training with learn.save_ddp_job and run it under torchrun)")
+        self.planned = True
         with group_plan(nprocs, self.backend, self.devices) as env:
             n = self.num_threads
             yield env if n is None else (lambda r: {**env(r), 'MPIFY_THREADS': str(n), 'OMP_NUM_THREADS': str(n), 'MPIFY_USER_ENV': ''})
@@ -101,11 +104,11 @@ class TorchDDPCtx:
         backend = self.backend or os.environ.get('MPIFY_BACKEND') or ('nccl' if dev.type == 'cuda' else 'gloo')
         threads = os.environ.get('MPIFY_THREADS')
         if threads and 'OMP_NUM_THREADS' not in os.environ.get('MPIFY_USER_ENV', ''): torch.set_num_threads(int(threads))
-        kw = {} if self.timeout_s is None else {'timeout': timedelta(seconds=self.timeout_s)}
+        kw = {'timeout': timedelta(seconds=self.timeout_s or COLLECTIVE_TIMEOUT)}
         self.launched = self.init_method is None and 'MPIFY_INIT_METHOD' in os.environ
         init_method = self.init_method or os.environ.get('MPIFY_INIT_METHOD', 'env://')
         if init_method == 'env://' and 'TORCHELASTIC_RESTART_COUNT' in os.environ:
-            kw['store'] = _elastic_store(rank, world, kw.get('timeout', timedelta(minutes=10)))
+            kw['store'] = _elastic_store(rank, world, kw['timeout'])
         else: kw['init_method'] = init_method
         dist.init_process_group(backend, rank=rank, world_size=world, **kw)
         self.owns = True
@@ -120,20 +123,29 @@ class TorchDDPCtx:
         if exc is not None and self.launched:
             if peer_failure(exc): time.sleep(_PEER_GRACE)
             return False
-        if self.owns and dist.is_initialized(): dist.destroy_process_group()
+        if self.owns and dist.is_initialized():
+            if exc is None: dist.barrier()   # every rank is done with its collectives before any leaves
+            # the group a launch planned goes with its worker, which exits at once (os._exit): torch's teardown is skipped
+            # there, since it can block forever (1 launch in 20 with gloo on torch 2.6; pytorch issue 75097), GIL held
+            if not self.planned: dist.destroy_process_group()
         self.owns = False
         return False
 
 @dataclass(frozen=True)
 class GroupOptions(OptionRecord):
     """Which process group a launch's workers form: `backend` ('gloo', 'nccl', or None: NCCL where every rank can have its
-    own GPU, else gloo) and `devices` (GPU ids, one per rank; default 0..nprocs-1). Checked against the GPUs at launch."""
+    own GPU, else gloo) and `devices` (GPU ids, one per rank; default 0..nprocs-1), checked against the GPUs at launch;
+    `collective_timeout`: seconds a collective waits for its peers before it raises, with every rank's stack."""
     backend: str | None = None
     devices: Sequence[int] | None = None
+    collective_timeout: float = COLLECTIVE_TIMEOUT
     def __post_init__(self):
         if self.backend is not None and self.backend not in BACKENDS:
             raise ArgumentError(f"backend must be one of {BACKENDS} or None, got {self.backend!r}")
-    def group(self) -> 'TorchDDPCtx': return TorchDDPCtx(self.backend, devices=self.devices)
+        t = self.collective_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
+            raise ArgumentError(f"collective_timeout must be a positive number of seconds, got {t!r}")
+    def group(self) -> 'TorchDDPCtx': return TorchDDPCtx(self.backend, timeout_s=self.collective_timeout, devices=self.devices)
 
 _PEER_FAILURE = re.compile(r'gloo/transport|Connection (?:closed|reset) by peer|Broken pipe|remote process exited')
 _PEER_GRACE = 2.0   # seconds a rank whose collective failed because a peer went away waits before reporting it
@@ -199,12 +211,13 @@ def in_torchddp(nprocs: int, fn: Callable, *args, ctx=None, world_size: int | No
     mpify's `world_size` must equal `nprocs` and `base_rank` be 0; `caller_rank` must be None (see `ranch`)."""
     check_caller_rank(caller_rank)
     nprocs, options, fn = check_nprocs(nprocs), LaunchOptions.take(kwargs), check_fn(fn)
-    given = {k: kwargs[k] for k in ('backend', 'devices') if k in kwargs}
+    given = {k: kwargs[k] for k in ('backend', 'devices', 'collective_timeout') if k in kwargs}
     opts = GroupOptions.take(kwargs)
-    group = TorchDDPCtx(opts.backend, devices=opts.devices, world_size=world_size, base_rank=base_rank)
+    group = TorchDDPCtx(opts.backend, timeout_s=opts.collective_timeout, devices=opts.devices, world_size=world_size,
+                        base_rank=base_rank)
     if isinstance(ctx, TorchDDPCtx) or (isinstance(ctx, type) and issubclass(ctx, TorchDDPCtx)):
         if any(v is not None for v in given.values()):
-            raise ArgumentError("give backend/devices either to in_torchddp or to its ctx=TorchDDPCtx(...), not both")
+            raise ArgumentError("give backend/devices/collective_timeout either to in_torchddp or to its ctx=TorchDDPCtx(...), not both")
         group, ctx = (ctx() if isinstance(ctx, type) else ctx), None
     if ctx is not None: fn, args = run_in_context, (context_manager(ctx), fn) + args
     return launch(nprocs, fn, args, kwargs, options, gather=gather_mode(gather, nprocs), ctx=group, on_event=on_event)

@@ -7,7 +7,7 @@ runs it when the outermost import statement of the package has finished (not ins
 be half-initialized), then removes itself.
 """
 from __future__ import annotations
-import importlib, sys, warnings
+import importlib, sys
 from importlib.abc import MetaPathFinder
 from importlib.machinery import ModuleSpec
 from typing import Callable
@@ -31,11 +31,12 @@ class _LoaderAfterwards:
         self.hook.finished()
 
 class _ImportHook(MetaPathFinder):
-    "Finds nothing itself: wraps the loaders of `package`'s modules to know when `ready` is fully imported, then runs `action`."
-    def __init__(self, package: str, ready: str, action: Callable[[], None], what: str):
-        self.package,self.ready,self.action,self.what,self.depth = package,ready,action,what,0
+    """Finds nothing itself: wraps the loaders of the modules of `packages` to know when `ready` is fully imported and no
+    import of theirs is under way, then runs `action`."""
+    def __init__(self, packages: tuple[str, ...], ready: str, action: Callable[[], None]):
+        self.packages,self.ready,self.action,self.depth = packages,ready,action,0
     def find_spec(self, name: str, path=None, target=None) -> ModuleSpec | None:
-        if name != self.package and not name.startswith(self.package + '.'): return None
+        if not any(name == p or name.startswith(p + '.') for p in self.packages): return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, 'find_spec'): continue
             spec = finder.find_spec(name, path, target)
@@ -46,18 +47,16 @@ class _ImportHook(MetaPathFinder):
     def finished(self):
         if self.depth or self.ready not in sys.modules: return
         if self in sys.meta_path: sys.meta_path.remove(self)
-        try: self.action()
-        except Exception as e:   # never break the user's import; only our part is missing
-            warnings.warn(f"mpify_fastai could not {self.what}: {type(e).__name__}: {e}")
+        self.action()   # a failure raises from the user's import statement, not as an AttributeError later
 
-def when_imported(package: str, action: Callable[[], None], what: str, ready: str | None = None) -> None:
-    """Run `action` now if module `ready` (default: `package`) is loaded, else once the import of `package` that loads it
-    ends; a failure there warns that mpify_fastai could not do `what`, and never breaks the user's import."""
+def when_imported(package: str, action: Callable[[], None], ready: str | None = None, within: tuple[str, ...] = ()) -> None:
+    """Run `action` now if module `ready` (default: `package`) is loaded, else once the import of `package` that loads
+    it ends, or the import of a package in `within` that it happened inside (whose modules `action` may import)."""
     ready = ready or package
     if ready in sys.modules: return action()
-    if not any(isinstance(f, _ImportHook) and f.package == package for f in sys.meta_path):
-        sys.meta_path.insert(0, _ImportHook(package, ready, action, what))
+    if not any(isinstance(f, _ImportHook) and f.packages[0] == package for f in sys.meta_path):
+        sys.meta_path.insert(0, _ImportHook((package, *within), ready, action))
 
 def add_learner_methods_with_fastai() -> None:
     "Add the Learner methods now if fastai is loaded, else as soon as it is."
-    when_imported('fastai', add_learner_methods, 'add Learner.fit_ddp to this fastai', ready='fastai.learner')
+    when_imported('fastai', add_learner_methods, ready='fastai.learner', within=('mpify_fastai',))

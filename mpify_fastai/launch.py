@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 import multiprocess as mp
 from multiprocess.connection import wait
-from ._private import in_spawn_bootstrap, skip_missing_main_path
+from ._private import in_spawn_bootstrap, main_not_rerun
 from .errors import (ArgumentError, ArgumentTypeError, LaunchTimeout, MainGuardError, NeedError, PayloadError, WorkerDied,
                      WorkerError, surfaces_errors)
 from .files import AnonymousFile, shm_root, sweep_torch_shm
@@ -21,7 +21,7 @@ from .imports import parse_imports
 from .procfs import process_group_members
 from .serialize import Payload, check_call, dumps, loads
 from .warm import mark_ready, prewarm, warm_context, warm_ready
-from .worker import (MAIN_GUARD_EXIT, STACKS_SIGNAL, Ack, Call, Event, Failure, Output, Result, WorkerSpec, run_in_context,
+from .worker import (STACKS_SIGNAL, Ack, Call, Event, Failure, Output, Result, WorkerSpec, run_in_context,
                      worker_main)
 
 __all__ = ['ranch', 'launch', 'OptionRecord', 'LaunchOptions', 'with_options', 'check_nprocs', 'check_fn', 'check_caller_rank',
@@ -141,9 +141,10 @@ def _context(start_method: str, light: bool):
     return warm_context()
 
 def _report_stacks(e: BaseException, procs: list, stacks: list[AnonymousFile], wait: float = 2.0):
-    """Where every live rank was when a launch timed out, or was interrupted and a rank did not stop within the grace:
-    their Python stacks, in the timeout's message (`e.stacks` too) or printed, so a rank stuck in a collective shows."""
-    live = {r: p for r, p in enumerate(procs) if p.exitcode is None}
+    """Where every live rank was when a launch timed out, a rank's collective timed out, or an interrupt found a rank
+    that did not stop within the grace: their Python stacks, in the error's message (`e.stacks` too) or printed."""
+    failed = e.rank if isinstance(e, WorkerError) else None   # it told its own story; it is exiting
+    live = {r: p for r, p in enumerate(procs) if p.exitcode is None and r != failed}
     for p in live.values():
         try: os.kill(p.pid, STACKS_SIGNAL)
         except ProcessLookupError: pass
@@ -154,7 +155,7 @@ def _report_stacks(e: BaseException, procs: list, stacks: list[AnonymousFile], w
     def read(f): return f.read().decode(errors='replace').strip() or '(no stack: the rank did not answer)'
     e.stacks = '\n\n'.join(f"--- where rank {r} was ---\n{read(f)}" for r, f in files.items())
     if not e.stacks: return
-    if isinstance(e, LaunchTimeout): e.args = (f"{e.args[0]}\n\n{e.stacks}",)
+    if isinstance(e, (LaunchTimeout, WorkerError)): e.args = (f"{e.args[0]}\n\n{e.stacks}",)
     else: print(f"mpify_fastai: interrupted; a rank did not stop within {_STOP_GRACE} s; where each was:\n{e.stacks}",
                 file=sys.stderr, flush=True)
 
@@ -239,8 +240,10 @@ def launch(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = No
     `env` adds variables to each worker (a dict, or rank -> dict); `on_event(rank, *data)` receives what workers send
     with `send_event`; `context` is a multiprocess context to start workers from (default: `options.start_method`);
     `arg_names` (name -> argument) gives the names a payload error starts its path from, e.g. {'learn': learn}."""
-    if in_spawn_bootstrap(): os._exit(MAIN_GUARD_EXIT)
-    skip_missing_main_path()
+    if in_spawn_bootstrap():
+        raise MainGuardError("this process is a spawned child still importing your script (another multiprocessing pool "
+                             "re-ran it), and the script launches workers at its top level: put that code under "
+                             "`if __name__ == \"__main__\":`")
     with ExitStack() as group:
         if ctx is not None:
             plan = getattr(ctx, 'launch_env', None)
@@ -256,25 +259,27 @@ def launch(nprocs: int, fn: Callable, args: tuple = (), kwargs: dict | None = No
             light = env is None and not payload.needs_torch
             ctx = context or _context(options.start_method, light)
             forkserver = ctx.get_start_method() == 'forkserver'
-            files.append(call := AnonymousFile(shm_root()))   # a file, not a Process argument: the start-up data stays small,
-            call.write(payload.data)                           # so a worker dying at start (unguarded script) shows its exit code
+            files.append(call := AnonymousFile(shm_root()))   # a file, not a Process argument: the start-up data stays small
+            call.write(payload.data)
             files += (stacks := [AnonymousFile(shm_root()) for _ in range(nprocs)])
             spec = WorkerSpec(env=envs, payload=call.path, stacks=[f.path for f in stacks], results=shm_root(),
                               spill=tempfile.gettempdir(), gather=gather, seed=_caller_seed(),
                               imports=options.imports, parent_pid=None if forkserver else os.getpid(),
                               base_env=dict(os.environ) if forkserver else None)
-            for r in range(nprocs):
-                parent_end, child_end = ctx.Pipe(duplex=True)
-                p = ctx.Process(target=worker_main, kwargs=dict(rank=r, conn=child_end, spec=spec), name=f'mpify-rank{r}',
-                                daemon=False)
-                p.start()
-                child_end.close()
-                procs.append(p); conns.append(parent_end)
+            with main_not_rerun():   # workers never run the user's script: its code travels by value, as a notebook's
+                for r in range(nprocs):
+                    parent_end, child_end = ctx.Pipe(duplex=True)
+                    p = ctx.Process(target=worker_main, kwargs=dict(rank=r, conn=child_end, spec=spec), name=f'mpify-rank{r}',
+                                    daemon=False)
+                    p.start()
+                    child_end.close()
+                    procs.append(p); conns.append(parent_end)
             collected = _Collector(nprocs, on_output or _default_output(options.output), on_event)
             _supervise(collected, procs, conns, options.timeout)
             if context is None and options.start_method == 'warm' and forkserver: mark_ready()
         except BaseException as e:   # stacks show where ranks were on a timeout, or on an interrupt they outlast
-            if isinstance(e, LaunchTimeout) and procs: _report_stacks(e, procs, stacks)
+            if procs and (isinstance(e, LaunchTimeout) or (isinstance(e, WorkerError) and e.in_stuck_collective)):
+                _report_stacks(e, procs, stacks)
             stuck = (lambda: _report_stacks(e, procs, stacks)) if isinstance(e, KeyboardInterrupt) else None
             _stop_workers(procs, on_stuck=stuck)
             sweep_torch_shm(started, [p.pid for p in procs])
@@ -300,7 +305,7 @@ def _supervise(collected: _Collector, procs: list, conns: list, timeout: float |
                 _drain(collected, r, conns[r])
                 procs[r].join()
                 pending.discard(r)
-                if r not in collected.results and collected.failure is None: collected.failure = _death(r, procs[r].exitcode, len(procs))
+                if r not in collected.results and collected.failure is None: collected.failure = WorkerDied(r, procs[r].exitcode)
             else:
                 r = by_conn[id(obj)]
                 try: collected.handle(r, obj, obj.recv())
@@ -311,12 +316,6 @@ def _drain(collected: _Collector, rank: int, conn):
     try:
         while conn.poll(): collected.handle(rank, conn, conn.recv())
     except (EOFError, OSError): pass
-
-def _death(rank: int, exitcode: int, nprocs: int) -> Exception:
-    if exitcode == MAIN_GUARD_EXIT:
-        return MainGuardError("the workers re-imported your script and reached the launch again: put the code that "
-                              "starts workers under `if __name__ == \"__main__\":`")
-    return WorkerDied(rank, exitcode)
 
 @surfaces_errors
 @with_options(LaunchOptions)

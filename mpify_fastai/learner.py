@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Callable
 import torch
 from fastai.learner import Learner
-from fastcore.basics import patch_to, tuplify
+from fastcore.basics import tuplify
 from fastcore.foundation import L
 from .errors import ArgumentError, ArgumentTypeError, LaunchError, surfaces_errors
 from .files import owned_tempdir
@@ -21,6 +21,7 @@ from .launch import LaunchOptions, OptionRecord, check_nprocs, launch, with_opti
 from .progress import ProgressDisplay
 from .recovery import keep_checkpoint, last_checkpoint, stopped_at_checkpoint, with_restarts
 from .state import apply_result, recorder_history
+from .versions import add_method
 from .training import (SCHEDULES, SHOW_GRAPH, DDPJob, DDPOptions, call_arguments, find_lr_in_worker, is_callback_of,
                        train_in_worker)
 
@@ -168,7 +169,7 @@ def learner_ddp(self: Learner, nprocs: int | None = None, factory: Callable | No
     """Run the next call under DDP on `nprocs` workers, e.g. `learn.ddp(nprocs=2).fine_tune(3)` or `.get_preds()`; with a
     submitit `executor`, a schedule runs as one SLURM job (`wait=False`: its `SlurmRun` at once)."""
     return DDPMethods(self, nprocs, factory, executor, wait, **options)
-patch_to(Learner, nm='ddp')(learner_ddp)
+add_method(Learner, 'ddp', learner_ddp)
 
 @surfaces_errors
 @with_options(*_OPTION_RECORDS)
@@ -177,7 +178,7 @@ def learner_fit_ddp(self: Learner, n_epoch: int, lr=None, wd=None, cbs=None, res
     "`Learner.fit` on `nprocs` DDP workers; the notebook's Learner gets rank 0's weights, history and optimizer state."
     DDPMethods(self, nprocs, factory, **options).fit(n_epoch, lr=lr, wd=wd, cbs=cbs, reset_opt=reset_opt,
                                                      start_epoch=start_epoch)
-patch_to(Learner, nm='fit_ddp')(learner_fit_ddp)   # the method `learn.fit_ddp`; the module's `fit_ddp` is the function form
+add_method(Learner, 'fit_ddp', learner_fit_ddp)   # the method `learn.fit_ddp`; the module's `fit_ddp` is the function form
 
 @surfaces_errors
 @with_options(*_OPTION_RECORDS)

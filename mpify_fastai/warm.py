@@ -9,7 +9,7 @@ from __future__ import annotations
 import os, sys, threading
 import multiprocess as mp
 from multiprocess import forkserver
-from ._private import forkserver_pid, in_spawn_bootstrap, start_forkserver, stop_forkserver
+from ._private import forkserver_pid, in_spawn_bootstrap, main_not_rerun, start_forkserver, stop_forkserver
 from .procfs import process_state
 
 __all__ = ['warm_context', 'warm_ready', 'mark_ready', 'warm_preload', 'stop_warm_server', 'prewarm']
@@ -80,9 +80,10 @@ def prewarm() -> threading.Thread | None:
     def run():
         try:
             ctx = warm_context()
-            if getattr(sys.modules['__main__'], '__file__', None): return   # a script: a probe would re-run it
-            p = ctx.Process(target=_noop, name='mpify-prewarm-probe')
-            p.start(); p.join()     # returns once the server has finished importing and forked
+            with main_not_rerun():   # a script's top level never runs in the probe
+                p = ctx.Process(target=_noop, name='mpify-prewarm-probe')
+                p.start()
+            p.join()                # returns once the server has finished importing and forked
             _ready.set()
         except Exception: pass      # the first launch starts it again and reports what goes wrong
     _prewarming = threading.Thread(target=run, name='mpify-prewarm', daemon=True)

@@ -14,7 +14,7 @@ from .imports import run_imports
 from .serialize import dumps, loads
 
 __all__ = ['Call', 'WorkerSpec', 'Output', 'Event', 'Result', 'Failure', 'Ack', 'worker_main', 'run_in_context', 'send_event',
-           'seed_global_rngs', 'MAIN_GUARD_EXIT', 'STACKS_SIGNAL']
+           'seed_global_rngs', 'STACKS_SIGNAL']
 
 @dataclass(frozen=True)
 class Call:
@@ -67,7 +67,6 @@ class Failure:
 class Ack:
     "The caller's reply once it has mapped a result's segment file: the worker may go."
 
-MAIN_GUARD_EXIT = 86     # exit code of a worker that found itself re-importing an unguarded script
 _ACK_TIMEOUT = 60.0      # how long a worker keeps its result available for the caller to map
 
 def _die_with_parent(parent_pid: int | None):

@@ -471,3 +471,28 @@ def testpeer_failure_detection():
     except ValueError as outer: assert peer_failure(outer)
     assert not peer_failure(RuntimeError('rank1 gave up')) and not peer_failure(ValueError('Connection closed by peer'))
     assert not peer_failure(None)
+
+def _uneven_gathers(n: int) -> int:
+    "Collectives whose sizes differ by rank, as exact metrics' gathers do; then the rank returns at once."
+    r, out = dist.get_rank(), [None] * dist.get_world_size()
+    for i in range(n): dist.all_gather_object(out, {'x': torch.randn(1000 * (r + 1) * (i % 3 + 1))})
+    return r
+
+def test_group_teardown_never_hangs():
+    """40 short group launches each end at once: torch 2.6's gloo teardown blocked forever about 1 launch in 20 (both
+    ranks in destroy_process_group); ranks now meet at a barrier and a launcher's worker exits without it."""
+    t = time.monotonic()
+    for _ in range(40): assert in_torchddp(2, _uneven_gathers, 5, timeout=30) == [0, 1]
+    assert time.monotonic() - t < 120
+
+def test_stuck_collective_raises_with_every_rank_stack():
+    "A collective whose peer never comes raises after collective_timeout, naming the rank, with the other rank's stack."
+    t = time.monotonic()
+    with pytest.raises(WorkerError) as e: in_torchddp(2, _one_rank_reduces, collective_timeout=3)
+    assert e.value.rank == 0 and 'Timed out waiting 3000' in str(e.value)
+    assert '--- where rank 1 was ---' in str(e.value) and 'in _one_rank_reduces' in e.value.stacks
+    assert time.monotonic() - t < 30
+
+def _one_rank_reduces():
+    if dist.get_rank() == 0: dist.all_reduce(torch.ones(1))
+    else: time.sleep(600)

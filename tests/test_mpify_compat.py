@@ -23,11 +23,13 @@ def test_ranch_ctx_torchddpctx_is_in_torchddp(ctx):
     assert same(res) == same(in_torchddp(2, group_facts))
     assert not _stores() - before   # an earlier test's dead caller may have left one, swept since: only ours matter
 
-def test_ranch_ctx_tears_the_group_down(tmp_path):
-    "The group is left when `fn` returns; mpify's `num_threads` sets each rank's torch threads."
+def test_ranch_ctx_group_ends_with_its_workers(tmp_path):
+    """The group a launch makes is left without torch's teardown (which can hang): it ends with the worker, which exits
+    right after `fn`; the next call makes its own. mpify's `num_threads` sets each rank's torch threads."""
     res = ranch(2, group_facts, ctx=TeardownProbe(str(tmp_path), num_threads=1))
     assert [r['threads'] for r in res] == [1, 1]
-    assert [(tmp_path / f'after-{r}').read_text() for r in (0, 1)] == ['False', 'False']
+    assert [(tmp_path / f'after-{r}').read_text() for r in (0, 1)] == ['True', 'True']
+    assert [r['sum'] for r in ranch(2, group_facts, ctx=TeardownProbe(str(tmp_path)))] == [3.0, 3.0]
 
 def test_gather_true_and_false(tmp_path):
     "mpify's gather=True is every rank's result; gather=False returns nothing, but every rank still ran."
