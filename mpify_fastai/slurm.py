@@ -9,7 +9,7 @@ finds it and exits without training or writing anything. `wait=False` gives a `S
 `attach(folder, learn)` finds it again after a kernel restart.
 """
 from __future__ import annotations
-import json, os, socket, time
+import json, os, signal, socket, time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +28,7 @@ __all__ = ['FINAL_STATES', 'SlurmRun', 'SlurmRunInfo', 'SlurmTask', 'TaskFailure
 
 JOB, RESULT, EVENTS, INFO = 'job.pkl', 'result.pth', 'events.log', 'run.json'
 _POLL, _STATE_EVERY, _CANCEL_WAIT = 0.2, 2.0, 15.0
+_TERM_WAIT = 0.5   # seconds a failing rank waits for SLURM's SIGTERM: its DataLoader workers may have died of it first
 FINAL_STATES = ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'BOOT_FAIL', 'DEADLINE')
 
 def _submitit():
@@ -71,16 +72,36 @@ def _export_rank_env() -> int:
     if torch.cuda.is_available(): os.environ['MPIFY_DEVICE'] = str(env.local_rank % torch.cuda.device_count())
     return env.rank
 
+class StopSignal:
+    """Notes SLURM's SIGTERM to this task (a requeue, a preemption, a cancel), then hands it to the handler that was there
+    (submitit's, which lets the task run on until the SIGKILL)."""
+    def __init__(self):
+        self.seen, self.previous = False, signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._on_term)
+    def _on_term(self, signum, frame):
+        self.seen = True
+        if callable(self.previous): return self.previous(signum, frame)
+        signal.signal(signal.SIGTERM, self.previous)   # the default: end as SLURM meant
+        os.kill(os.getpid(), signum)
+    def within(self, seconds: float) -> bool:
+        "Whether SIGTERM came, or comes within `seconds`."
+        deadline = time.monotonic() + seconds
+        while not self.seen and time.monotonic() < deadline: time.sleep(0.05)
+        return self.seen
+
 @dataclass
 class SlurmTask:
     """The function a SLURM job's tasks run: train the job file in `folder` as one rank. submitit's checkpoint protocol
     (`checkpoint`) requeues it as it is on preemption or time-out: its state is the folder's epoch checkpoint."""
     folder: str
     def __call__(self) -> None:
-        rank, folder = _export_rank_env(), Path(self.folder)
+        rank, folder, stop = _export_rank_env(), Path(self.folder), StopSignal()
         (folder / f'failure-{rank}.json').unlink(missing_ok=True)   # an earlier attempt's, before a requeue
         try: run_job(folder / JOB, folder / RESULT, events=folder / EVENTS, attempt=int(os.environ.get('SLURM_RESTART_COUNT', 0)))
         except Exception as e:   # not SystemExit: submitit's exit after it requeued the job is no failure
+            if stop.within(_TERM_WAIT):   # SLURM stops the job (requeue, preemption, cancel): not the run's failure
+                print(f"mpify_fastai: rank {rank} stopped by SLURM's SIGTERM ({type(e).__name__}: {e})", flush=True)
+                raise
             rec = TaskFailure(rank, type(e).__qualname__, str(e), user_traceback(e), peer_failure(e))
             atomic_write(folder / f'failure-{rank}.json', lambda f: f.write(json.dumps(asdict(rec)).encode()))
             raise

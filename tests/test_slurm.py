@@ -4,7 +4,7 @@ The cluster (`slurm_cluster.SlurmCluster`, one for the whole file, up in ~5-7 s)
 packages: munged, MariaDB + slurmdbd, slurmctld and two slurmd "nodes" n1 and n2 (1 CPU each), so a 2-node job has one
 rank (gloo, CPU) on each. The tests skip, with the reason, where it cannot start (not root, packages missing: see
 .ci/run). Every job's tasks import fastai (~6 s each on these 2 cores): a job costs ~10-30 s here. The default set
-takes ~1.5 minutes; `-m slow` adds the requeues and the kernel restart (~1.5 minutes more).
+takes ~2 minutes; `-m slow` adds the requeues at each moment and the kernel restart (~4 minutes more).
 The callbacks below travel in job files by reference: the workers import this module (the tests folder is on their path).
 """
 from __future__ import annotations
@@ -276,6 +276,34 @@ def test_requeued_job_resumes_from_last_completed_epoch(executor, slurm, capsys,
     table = [int(l.split()[0]) for l in out.splitlines() if re.match(r'\s*\d+\s+\d+\.\d{6}', l)]
     assert table == [0, 1, 2, 3], out
     assert len(rows(learn)) == 4
+
+@pytest.mark.slow
+@pytest.mark.parametrize('moment', ['first_epoch', 'last_epoch', 'last_epoch_end'])
+def test_requeue_at_each_moment_resumes_from_the_last_completed_epoch(executor, slurm, capsys, tmp_path, moment):
+    """`scontrol requeue` while rank 0 is held at `moment` of fit_one_cycle(3) (before the first epoch ends, in the last
+    epoch, between the last epoch and the result): the requeued job goes on from the epoch after the last checkpointed one
+    (0, 2, 3: it trains nothing), in the same table; every epoch trained once after it; 3 rows, the last = validate()."""
+    from mpify_fastai.progress import EventLog, FitResumed, RowLogged
+    from recovery_helpers import StopAt
+    learn = digits_learner()
+    run = learn.ddp(executor=executor, wait=False).fit_one_cycle(3, LR, cbs=[StopAt(str(tmp_path), moment, how='pause', rank=0)])
+    wait_for(lambda: (tmp_path / 'stopped').exists(), 180, f"the job did not reach {moment}")
+    requeue(slurm, run.job_id)
+    run.wait()
+    k = {'first_epoch': 0, 'last_epoch': 2, 'last_epoch_end': 3}[moment]
+    events = EventLog(run.folder / 'events.log').read()
+    resumed = [e for e in events if isinstance(e, FitResumed)]
+    assert resumed == [FitResumed(k, 1)], events
+    trained = [int(e.cells[0]) for e in events[events.index(resumed[0]):] if isinstance(e, RowLogged) and len(e.cells) > 2]
+    assert trained == list(range(k, 3)), f"the requeued job trained epochs {trained}, not only those from epoch {k}"   # skipped epochs log short rows
+    assert (tmp_path / 'epochs').read_text().splitlines() == [f'0 {e}' for e in range(min(k + 1, 3))] + [f'1 {e}' for e in range(k, 3)]
+    out = helpers.strip_ansi(capsys.readouterr().out)
+    assert f'was requeued (restart 1); going on from epoch {k}' in out, out
+    assert [int(l.split()[0]) for l in out.splitlines() if re.match(r'\s*\d+\s+\d+\.\d{6}', l)] == [0, 1, 2], out
+    got = rows(learn)
+    with learn.no_bar(): val = [float(v) for v in learn.validate()]
+    assert len(got) == 3 and all(abs(a - b) < 1e-5 for a, b in zip(got[-1][1:], val)), (got, val)
+    assert not (run.folder / 'result.pth.ckpt').exists()
 
 KERNEL_SUBMIT = '''
 import submitit, mpify_fastai
