@@ -3,6 +3,7 @@
 validation set of 203 items, a multiple of neither bs=16 nor bs * nprocs), in `learn.ddp(n).validate()`, in the rows
 `fit_ddp` logs, and in training metrics; a metric that cannot be made exact warns once per fit, naming what it read."""
 import copy, warnings
+from types import SimpleNamespace
 from collections import Counter, OrderedDict, defaultdict, deque
 import numpy as np, pandas as pd
 import pytest
@@ -11,7 +12,7 @@ import fastai.metrics as fm
 from fastai.learner import Metric
 import metric_helpers as mh
 import user_metric_helpers as um
-from mpify_fastai.metrics import accumulator_kinds, combined, proven
+from mpify_fastai.metrics import MetricTracker, accumulator_kinds, combined, proven
 from fastai_helpers import digits_dls_plain, mlp, sgd_learner
 
 pytestmark = [pytest.mark.usefixtures('no_leftovers'),
@@ -184,3 +185,40 @@ def test_accumulators_combine_in_their_own_type(start, values, marks, whole):
     else: assert got == whole, got
     if isinstance(whole, deque): assert got.maxlen == whole.maxlen
     if isinstance(whole, defaultdict): assert got.default_factory is whole.default_factory
+
+class _SeesTypes(Metric):
+    "Notes what it reads: each input's class, dtype, shape, fastai metadata and values."
+    def reset(self): self.seen = []
+    def accumulate(self, learn):
+        p, y, m = learn.pred, learn.y, learn.xb[0]
+        self.seen.append((type(p), p.dtype, tuple(p.shape), getattr(p, 'img_size', None), p.float().sum().item(),
+                          type(y), y.dtype, y.tolist(), m.dtype, m.tolist(), learn.iter))
+
+def test_a_replay_sees_each_input_as_it_was_read():
+    """Replayed on another rank, a batch's tensors keep their class (fastai's TensorImage, TensorCategory), dtype
+    (bfloat16, bool), shape and metadata, and an in-place change made after the read does not reach them; `iter` is
+    the batch's place in the local run. In one process: two ranks' trackers fed as the Recorder feeds them."""
+    from fastai.torch_core import TensorCategory, TensorImage
+    g = torch.Generator().manual_seed(0)
+    def batch(i):
+        pred = TensorImage(torch.randn(3, 2, 2, generator=g).to(torch.bfloat16), img_size=(2, 2))
+        return SimpleNamespace(pred=pred, yb=(TensorCategory(torch.tensor([i, i + 1, i + 2])),), xb=(torch.rand(3, generator=g) > .5,),
+                               y=None, iter=None)
+    batches = [batch(i) for i in range(5)]
+    for i, b in enumerate(batches): b.y = b.yb[0]
+    local = _SeesTypes()
+    local.reset()
+    for i, b in enumerate(batches): b.iter = i; local.accumulate(b)
+    trackers = []
+    for r in range(2):
+        m = _SeesTypes()
+        m.reset()
+        t = MetricTracker([m])
+        for k, b in enumerate(batches[r::2]):
+            t.batch_begins(); b.iter = k; m.accumulate(b)
+            b.pred.add_(1)   # after the read: the replay must not see it
+        trackers.append(t)
+    shares = [t.shares() for t in trackers]
+    for t in trackers:
+        assert t.combine(shares) == {}
+        assert t.mets[0].seen == local.seen
