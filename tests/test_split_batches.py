@@ -19,6 +19,7 @@ from mpify_fastai.sharding import split_dl, unshard_dl
 
 import fastai_helpers as fh
 import split_helpers as sh
+from test_slurm import executor, slurm  # noqa: F401  (fixtures: the private SLURM cluster, a 2-node executor)
 
 TOL = 1e-5
 
@@ -197,3 +198,12 @@ def test_torchrun_job_trains_the_local_model(tmp_path, local_fits, no_leftovers)
     (rc, out), = torchrun([(rdzv(free_port(), 1, 3) + RUN, tmp_path)], tmp_path, timeout=240)
     assert rc == 0, out[-6000:]
     assert_same_fit(torch.load(tmp_path / 'result.pth', weights_only=False), local_fits[name], 'torchrun job')
+
+@pytest.mark.slow
+def test_slurm_job_trains_the_local_model(local_fits, executor, no_leftovers):
+    "`learn.ddp(executor=ex, split_batches=True)`: one rank on each of two slurmd nodes, and the local fit's result applied."
+    from mpify_fastai.state import learner_result
+    name = 'adam_one_cycle_bs27'
+    learn = sh.case_learner(name)
+    learn.ddp(executor=executor, split_batches=True, progress=False).fit_one_cycle(2, 1e-2)
+    assert_same_fit(learner_result(learn), local_fits[name], 'SLURM job')
