@@ -93,8 +93,8 @@ def run_job(path: str | os.PathLike, result: str | os.PathLike, checkpoint: str 
         done, resumed = state[0]
         log = EventLog(events) if events and rank == 0 else None
         if done and rank == 0:
-            print(f"mpify_fastai: this job already finished: {result} holds its result; nothing is trained"
-                  + (" or written" if done == 'result' else f" (its final checkpoint {checkpoint} becomes it)"), flush=True)
+            print("mpify_fastai: this job already finished: " + (f"{result} holds its result; nothing is trained or written"
+                  if done == 'result' else f"its final checkpoint {checkpoint} becomes {result}; nothing is trained"), flush=True)
             if log: log.append(RunFinished(attempt))
         if not done:
             learn, kwargs = worker_learner(job.source, job.kwargs, rank0_drops=DRAWN_BY_CALLER if events else ())

@@ -290,6 +290,17 @@ def test_second_restart_resumes_with_complete_history(tmp_path):
     out = _restart_run(tmp_path, 3, {0: 0, 1: 1}, max_restarts=2)
     for e in (0, 1): assert out.count(f'resuming from result.pth.ckpt after epoch {e}') == 1, out[-8000:]
 
+@pytest.mark.slow
+def test_restart_between_the_final_checkpoint_and_the_result_writes_it_from_there(tmp_path):
+    """Rank 0 SIGKILLed after it saved the fit's finished state, before that became result.pth: the restarted group trains
+    nothing and moves it into place; one result, one row per epoch, = validate()."""
+    from recovery_helpers import StopAt
+    out = _restart_run(tmp_path, 3, None, 1, cbs=[StopAt(str(tmp_path), 'result', rank=0)])
+    assert (tmp_path / 'epochs').read_text().splitlines() == ['0 0', '0 1', '0 2']
+    assert (tmp_path / 'attempts').read_text().split() == ['0']
+    assert out.count('this job already finished: its final checkpoint result.pth.ckpt becomes result.pth; nothing is '
+                     'trained') == 1, out[-8000:]
+
 @pytest.mark.parametrize('moment', [pytest.param(m, marks=() if m == 'result' else pytest.mark.slow) for m in MOMENTS])
 def test_restart_at_each_moment_resumes_from_the_last_completed_epoch(tmp_path, moment):
     """torchrun --max-restarts=1, rank 1 SIGKILLed once at `moment` of fit_one_cycle(3): the restarted group trains only

@@ -371,14 +371,14 @@ def test_epoch_checkpoint_rank0_writes(tmp_path, monkeypatch):
     assert len(ck['recorder']['values']) == 2 and ck['recorder']['iters'] == learn.recorder.iters
 
 def test_epoch_checkpoint_without_tags(tmp_path, monkeypatch):
-    "Without tags the checkpoint holds only the result and `completed_epoch`."
+    "Without tags the checkpoint holds only the result, `completed_epoch` and, once the fit is over, `finished`."
     monkeypatch.delenv('RANK', raising=False)
     p = tmp_path / 'ck.pth'
     learn = _small_sgd()
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.1, cbs=EpochCheckpoint(p))
     ck = torch.load(p, weights_only=False)
-    assert ck['completed_epoch'] == 0 and 'job_digest' not in ck
-    assert set(ck) == {'state_dict', 'recorder', 'opt', 'epoch', 'n_epoch', 'final_record', 'completed_epoch'}
+    assert ck['completed_epoch'] == 0 and 'job_digest' not in ck and ck['finished'] is True
+    assert set(ck) == {'state_dict', 'recorder', 'opt', 'epoch', 'n_epoch', 'final_record', 'completed_epoch', 'finished'}
 
 @pytest.mark.parametrize('rank,written', [('1', False), ('0', True)])
 def test_epoch_checkpoint_only_on_rank0(tmp_path, monkeypatch, rank, written):
@@ -400,6 +400,7 @@ class _CheckpointSeen(Callback):
     def after_epoch(self):
         ck = torch.load(self.path, weights_only=False) if self.path.exists() else None
         self.seen.append(ck and (ck['completed_epoch'], len(ck['recorder']['values'])))
+        assert not (ck or {}).get('finished'), "an epoch's checkpoint marked as the fit's result"
 
 @pytest.mark.parametrize('how', ['start_epoch', 'restart'])
 def test_first_epoch_after_a_resume_is_checkpointed(tmp_path, monkeypatch, how):
