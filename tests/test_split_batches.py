@@ -127,6 +127,48 @@ def test_split_dl_parts_make_up_the_local_batches(world, n, bs, shuffle, drop_la
         epoch += whole
     assert len(set(epoch)) == len(epoch) == sum(len(b) for b in local)
 
+def _loader_kinds() -> dict:
+    "Training loaders whose epoch order comes from their own rng, numpy's or Python's global RNG, or a draw with replacement."
+    import numpy as np
+    import app_helpers as ah
+    from fastai.callback.data import WeightedDL
+    from fastai.data.core import TfmdDL
+    from fastai.data.block import RegressionBlock
+    from fastai.tabular.all import Categorify, TabularDataLoaders
+    from fastai.text.data import SortedDL
+    lengths = [(7 * i) % 23 + 1 for i in range(41)]
+    tab = TabularDataLoaders.from_df(ah.tabular_df(150), procs=[Categorify], cat_names=['a'], cont_names=['x2'], y_names='y',
+                                     y_block=RegressionBlock(), valid_idx=list(range(31)), bs=16)
+    return dict(tfmd=TfmdDL(list(range(37)), bs=5, shuffle=True), weighted=WeightedDL(list(range(30)), bs=4, shuffle=True,
+                wgts=np.arange(30.) + 1), sorted=SortedDL(list(range(41)), res=lengths, bs=6, shuffle=True),
+                tabular=tab.train, user_shuffle_fn=ah.GlobalShuffleDL(list(range(29)), bs=4, shuffle=True),
+                user_get_idxs=ah.OwnIdxsDL(list(range(30)), bs=4))
+
+@pytest.mark.parametrize('kind', ['tfmd', 'weighted', 'sorted', 'tabular', 'user_shuffle_fn', 'user_get_idxs'])
+def test_split_dl_of_every_loader_kind_is_the_local_epoch(kind):
+    """For every kind of training loader, each epoch's ranks' parts (3 ranks), batch by batch in rank order, are the
+    batches a local run draws with the same seed: `SortedDL` sorts and shuffles its batches at the local bs, a weighted
+    or tabular loader draws once with replacement for every rank."""
+    import copy
+    from mpify_fastai.sharding import shard_dl
+    dl, world, seed = _loader_kinds()[kind], 3, 11
+    local = copy.deepcopy(dl)
+    shard_dl(local, 0, 1, pad=True, seed=seed)     # one rank of one: the local epoch drawn from the same seed
+    ranks = [copy.deepcopy(dl) for _ in range(world)]
+    splits = [split_dl(r_dl, r, world, seed)[1] for r, r_dl in enumerate(ranks)]
+    for epoch in range(2):
+        want = [int(i) for i in local.get_idxs()][:len(dl) * dl.bs]
+        drawn = [[int(i) for i in r_dl.get_idxs()] for r_dl in ranks]
+        assert all(len(split.shares) == len(dl) for split in splits), "as many batches as locally"
+        for k in range(len(dl)):
+            parts = []
+            for d, split in zip(drawn, splits):
+                mine, total = split[k]
+                parts += d[:mine]
+                del d[:max(1, mine)]
+            assert parts == want[k * dl.bs:k * dl.bs + total], f"{kind}, epoch {epoch}, batch {k}"
+        assert drawn == [[]] * world
+
 # ---------------------------------------------------------------- what does not hold exactly: BatchNorm on CPU ranks
 
 def test_batchnorm_on_cpu_ranks_uses_each_ranks_share(no_leftovers):
