@@ -127,6 +127,15 @@ def test_split_dl_parts_make_up_the_local_batches(world, n, bs, shuffle, drop_la
         epoch += whole
     assert len(set(epoch)) == len(epoch) == sum(len(b) for b in local)
 
+def test_split_dl_with_loader_workers_yields_the_same_parts():
+    "With DataLoader worker processes (which take whole batches in turn) a rank's parts are those it loads without them."
+    from fastai.data.core import TfmdDL
+    def parts(workers: int) -> list[list[int]]:
+        dl = TfmdDL(list(range(22)), bs=6, shuffle=True, num_workers=workers)
+        split_dl(dl, 0, 4, seed=3)    # rank 0: 2 items of each batch of 6, 1 of the last one (4 items)
+        return [b.tolist() for b in dl]
+    assert parts(2) == parts(0) and [len(b) for b in parts(0)] == [2, 2, 2, 1]
+
 def _loader_kinds() -> dict:
     "Training loaders whose epoch order comes from their own rng, numpy's or Python's global RNG, or a draw with replacement."
     import numpy as np
