@@ -77,7 +77,8 @@ def split_dl(dl, rank: int, world: int, seed: int) -> tuple[dict, BatchSplit]:
     if not full_bs: raise ValueError("split_batches needs a training DataLoader with a batch size (bs), not a prebatched one")
     saved = {k: dl.__dict__[k] for k in _SHARD_ATTRS if k in dl.__dict__}
     full_n, full_get_idxs, shared, split = dl.n, dl.get_idxs, random.Random(f'{seed}-global'), BatchSplit()
-    part_bs = max(1, len(range(full_bs)[_part(full_bs, rank, world)]))   # a rank without an item steps on one, weighted 0
+    part = _part(full_bs, rank, world)
+    part_bs = max(1, part.stop - part.start)   # a rank without an item of a batch steps on one, weighted 0
     def get_idxs():
         dl.n, dl.bs = full_n, full_bs
         try:
