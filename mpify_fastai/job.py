@@ -71,7 +71,8 @@ def holds_result(result: Path, digest: str) -> bool:
     return False
 
 def _start(result: Path, checkpoint: Path, method: str, digest: str) -> tuple[str | None, dict | None]:
-    "Rank 0: 'result' (this job's is written), 'checkpoint' (its finished state is, not yet as the result) or None, and the checkpoint to resume from."
+    """Rank 0's view of a start: 'result' (this job's is written), 'checkpoint' (its finished state is, not yet moved into
+    place) or None, and the checkpoint to resume from."""
     if holds_result(result, digest): return 'result', None
     ck = resumable_checkpoint(checkpoint, method, digest)
     return ('checkpoint', None) if ck is not None and ck.get('finished') else (None, ck)
@@ -93,8 +94,9 @@ def run_job(path: str | os.PathLike, result: str | os.PathLike, checkpoint: str 
         done, resumed = state[0]
         log = EventLog(events) if events and rank == 0 else None
         if done and rank == 0:
-            print("mpify_fastai: this job already finished: " + (f"{result} holds its result; nothing is trained or written"
-                  if done == 'result' else f"its final checkpoint {checkpoint} becomes {result}; nothing is trained"), flush=True)
+            how = (f"{result} holds its result; nothing is trained or written" if done == 'result' else
+                   f"its final checkpoint {checkpoint} becomes {result}; nothing is trained")
+            print(f"mpify_fastai: this job already finished: {how}", flush=True)
             if log: log.append(RunFinished(attempt))
         if not done:
             learn, kwargs = worker_learner(job.source, job.kwargs, rank0_drops=DRAWN_BY_CALLER if events else ())

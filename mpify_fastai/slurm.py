@@ -76,7 +76,7 @@ class StopSignal:
     """Notes SLURM's SIGTERM to this task (a requeue, a preemption, a cancel), then hands it to the handler that was there
     (submitit's, which lets the task run on until the SIGKILL)."""
     def __init__(self):
-        self.seen, self.previous = False, signal.getsignal(signal.SIGTERM)
+        self.seen, self.previous = False, signal.getsignal(signal.SIGTERM) or signal.SIG_DFL
         signal.signal(signal.SIGTERM, self._on_term)
     def _on_term(self, signum, frame):
         self.seen = True

@@ -96,9 +96,9 @@ class StopAt(Callback):
     """In the first attempt only, at `moment`: 'first_epoch' (its first batch, nothing checkpointed yet), 'last_epoch'
     (the last epoch's first batch), 'last_epoch_end' (the last epoch checkpointed, the fit not ended) or 'result' (the fit
     over and rank 0's finished result saved; with `result`, once that file exists, its mtime and size noted in
-`folder/result-seen`), rank `rank` is SIGKILLed (`how`
-    'kill'), or writes `folder/stopped` and sleeps for the test to requeue its job (`how` 'pause'). Rank 0 notes each epoch
-    it trains as '<attempt> <epoch>' in `folder/epochs`, each attempt in `folder/attempts`. Order 90: after the epoch checkpoint (70)."""
+    `folder/result-seen`), rank `rank` is SIGKILLed (`how` 'kill'), or writes `folder/stopped` and sleeps for the test to
+    requeue its job (`how` 'pause'). Rank 0 notes each epoch it trains as '<attempt> <epoch>' in `folder/epochs`, each
+    attempt in `folder/attempts`. Order 90: after the epoch checkpoint (70)."""
     order = 90
     def __init__(self, folder: str, moment: str, how: str = 'kill', rank: int = 1, result: str | None = None):
         assert moment in MOMENTS and how in ('kill', 'pause'), (moment, how)
@@ -109,8 +109,8 @@ class StopAt(Callback):
         if os.environ.get('RANK', '0') == '0':
             with open(Path(self.folder, name), 'a') as f: f.write(f"{line}\n")
     def after_batch(self):
-        if self.training and self.iter == 0 and self.epoch == {'first_epoch': 0, 'last_epoch': self.n_epoch - 1}.get(self.moment):
-            self._stop(barrier=False)   # mid-epoch: the peers wait in the next step's collective
+        at = {'first_epoch': 0, 'last_epoch': self.n_epoch - 1}.get(self.moment)
+        if self.training and self.iter == 0 and self.epoch == at: self._stop(barrier=False)   # peers wait in the next step
     def after_epoch(self):
         if self.moment == 'last_epoch_end' and self.epoch == self.n_epoch - 1: self._stop()
     def after_fit(self):
@@ -118,7 +118,7 @@ class StopAt(Callback):
     def _stop(self, barrier: bool = True):
         if attempt_number() != 0: return
         import torch.distributed as dist
-        if barrier and dist.is_initialized() and dist.get_world_size() > 1: dist.barrier()   # rank 0 has saved what comes before
+        if barrier and dist.is_initialized() and dist.get_world_size() > 1: dist.barrier()   # rank 0 saved what came before
         if int(os.environ.get('RANK', '0')) != self.rank: return
         if self.result:
             while not os.path.exists(self.result): time.sleep(0.05)
