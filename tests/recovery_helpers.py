@@ -97,11 +97,11 @@ class StopAt(Callback):
     (the last epoch's first batch), 'last_epoch_end' (the last epoch checkpointed, the fit not ended) or 'result' (the fit
     over and rank 0's finished result saved; with `result`, once that file exists, its mtime and size noted in
     `folder/result-seen`), rank `rank` is SIGKILLed (`how` 'kill'), or writes `folder/stopped` and sleeps for the test to
-    requeue its job (`how` 'pause'). Rank 0 notes each epoch it trains as '<attempt> <epoch>' in `folder/epochs`, each
+    requeue its job (`how` 'pause'), or until the test writes `folder/go` (`how` 'hold'). Rank 0 notes each epoch it trains as '<attempt> <epoch>' in `folder/epochs`, each
     attempt in `folder/attempts`. Order 90: after the epoch checkpoint (70)."""
     order = 90
     def __init__(self, folder: str, moment: str, how: str = 'kill', rank: int = 1, result: str | None = None):
-        assert moment in MOMENTS and how in ('kill', 'pause'), (moment, how)
+        assert moment in MOMENTS and how in ('kill', 'pause', 'hold'), (moment, how)
         self.folder,self.moment,self.how,self.rank,self.result = folder,moment,how,rank,result
     def before_fit(self): self._note('attempts', attempt_number())
     def before_train(self): self._note('epochs', f"{attempt_number()} {self.epoch}")
@@ -126,4 +126,5 @@ class StopAt(Callback):
             Path(self.folder, 'result-seen').write_text(f"{st.st_mtime_ns} {st.st_size}")
         if self.how == 'kill': os.kill(os.getpid(), signal.SIGKILL)
         Path(self.folder, 'stopped').write_text(self.moment)
-        time.sleep(300)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (self.how == 'hold' and Path(self.folder, 'go').exists()): time.sleep(0.05)

@@ -218,6 +218,33 @@ def test_finished_job_requeued_never_trains_again(executor, slurm, capsys):
     assert f'SLURM job {run.job_id} was started again (restart 1) after it had written its result: it trained nothing' in out, out
     assert rows(learn) == applied
 
+@pytest.mark.slow
+def test_job_requeued_in_its_last_seconds_finishes_and_never_trains_again(executor, slurm, tmp_path):
+    """The issue's case: `scontrol requeue` while the job ends (held after its last epoch, released at once), it outlives
+    the SIGTERM (submitit ignores it) and writes its result, which the caller applies; SLURM then starts it again: it finds
+    the result, trains and rewrites nothing, and the Learner keeps its 3 rows, the last = validate()."""
+    from mpify_fastai.job import RunFinished
+    from mpify_fastai.progress import EventLog, RowLogged
+    from recovery_helpers import StopAt
+    learn = digits_learner()
+    run = learn.ddp(executor=executor, wait=False).fit_one_cycle(3, LR, cbs=[StopAt(str(tmp_path), 'result', how='hold', rank=0)])
+    wait_for(lambda: (tmp_path / 'stopped').exists(), 180, "the job did not reach its end")
+    requeued = time.time()
+    slurm.run('scontrol', 'requeue', run.job_id)
+    (tmp_path / 'go').write_text('')
+    run.wait()
+    applied, before = rows(learn), folder_files(run.folder)
+    assert (run.folder / 'result.pth').stat().st_mtime - requeued < 5, "the result was not written inside the kill grace"
+    wait_for(lambda: slurm.run('squeue', '-h', '-j', run.job_id, '-o', '%T').strip() == 'PENDING', 30, "the job was not requeued")
+    slurm.run('scontrol', 'update', f'jobid={run.job_id}', 'StartTime=now', check=False)
+    wait_for(lambda: not slurm.jobs(), 120, "the requeued job did not end")
+    events = EventLog(run.folder / 'events.log').read()
+    assert events[-1] == RunFinished(1) and sum(isinstance(e, RowLogged) for e in events) == 3, events
+    assert folder_files(run.folder) == before, "the finished run's folder was rewritten"
+    assert (tmp_path / 'epochs').read_text().splitlines() == ['0 0', '0 1', '0 2']
+    with learn.no_bar(): val = [float(v) for v in learn.validate()]
+    assert len(applied) == 3 and all(abs(a - b) < 1e-5 for a, b in zip(applied[-1][1:], val)), (applied, val)
+
 SCRIPT = '''
 import submitit, sys
 sys.path[:0] = {paths!r}
