@@ -8,7 +8,8 @@
    50,000-item, 1,000-class validation set (bs 256) and 1,000 segmentation masks of 96x96 in 5 classes (bs 16).
 2. An epoch with a user metric against one without, `learn.ddp(nprocs=2).fit(EPOCHS)`, on the digits demo
    (`mpify_fastai.demo`) and on the tabular benchmark's Learner (`bench_breakdown.make_learner`, 1,000,000 rows):
-   rank 0's epoch seconds (before_epoch to after_epoch), A and B alternating, their order swapped each round.
+   rank 0's epoch seconds (before_epoch to after_epoch), its validation's, and its combination's (from a barrier at
+   `after_validate` to the end of the DistributedRunner's, which combines), A and B alternating, order swapped each round.
 Prints markdown tables and the raw numbers as JSON.
 """
 from __future__ import annotations
@@ -126,15 +127,33 @@ class Stamps(Callback):
         if int(os.environ.get('RANK', '0')) == 0:
             with open(self.path, 'a') as f: f.write(f"{what} {time.time()}\n")
     def before_epoch(self): self._stamp('before_epoch')
+    def before_validate(self): self._stamp('before_validate')
+    def after_validate(self): self._stamp('after_validate')   # after ExactMetrics (11) and the Recorder (50)
     def after_epoch(self): self._stamp('after_epoch')
 
-def _epoch_seconds(learn, epochs: int, path: str) -> float:
-    "Rank 0's mean epoch seconds in one `learn.ddp(nprocs=2).fit(epochs)`."
+class CombineStart(Stamps):
+    """Stamps as `after_validate` reaches the DistributedRunner (order 11), whose `after_validate` combines the metrics,
+    once both ranks are there (a barrier: the span is the combination, not a wait for the slower rank's batches)."""
+    order = 10
+    def after_validate(self):
+        import torch.distributed as dist
+        dist.barrier()
+        self._stamp('combine_start')
+    before_epoch = before_validate = after_epoch = lambda self: None
+
+class CombineEnd(CombineStart):
+    order = 12
+    def after_validate(self): self._stamp('combine_end')
+
+def _epoch_seconds(learn, epochs: int, path: str) -> tuple[float, float, float]:
+    """Rank 0's mean seconds of an epoch, of its validation (batches and the metrics' combination), and of the
+    combination alone, in one `learn.ddp(nprocs=2).fit(epochs)`."""
     open(path, 'w').close()
-    learn.ddp(nprocs=2).fit(epochs, cbs=[Stamps(path)])
+    learn.ddp(nprocs=2).fit(epochs, cbs=[Stamps(path), CombineStart(path), CombineEnd(path)])
     st = [(k, float(v)) for k, v in (line.split() for line in open(path))]
     at = lambda k: [v for kk, v in st if kk == k]
-    return statistics.mean(b - a for a, b in zip(at('before_epoch'), at('after_epoch')))
+    span = lambda a, b: statistics.mean(y - x for x, y in zip(at(a), at(b)))
+    return span('before_epoch', 'after_epoch'), span('before_validate', 'after_validate'), span('combine_start', 'combine_end')
 
 def epoch_ratio(make, user_metric, rounds: int, epochs: int) -> dict:
     "Epoch seconds without (A) and with (B) `user_metric`, alternating (order swapped each round)."
@@ -146,7 +165,9 @@ def epoch_ratio(make, user_metric, rounds: int, epochs: int) -> dict:
     for r in range(rounds):
         for which in ((a_learn, a), (b_learn, b))[::1 if r % 2 == 0 else -1]: which[1].append(_epoch_seconds(which[0], epochs, path))
     os.remove(path)
-    return dict(without=a, with_=b, ratios=[y / x for x, y in zip(a, b)])
+    return dict(without=[x[0] for x in a], with_=[x[0] for x in b], ratios=[y[0] / x[0] for x, y in zip(a, b)],
+                valid_without=[x[1] for x in a], valid_with=[x[1] for x in b],
+                combine_without=[x[2] for x in a], combine_with=[x[2] for x in b], loadavg=os.getloadavg())
 
 def digits_learner():
     from mpify_fastai.demo import digits_cnn, digits_dls
@@ -158,7 +179,7 @@ def tabular_learner_1m():
 
 def main(rounds: int) -> dict:
     res = dict(loadavg_start=os.getloadavg(), cpus=os.cpu_count())
-    for case in CASES: res[case] = in_torchddp(2, combine_cost, case, 3, gather=0)
+    for case in CASES: res[case] = in_torchddp(2, combine_cost, case, 5, gather=0)
     res['digits'] = epoch_ratio(digits_learner, UserAccuracy(), rounds, 3)
     res['tabular'] = epoch_ratio(tabular_learner_1m, WorstAbsError(), max(2, rounds // 2), 1)
     res['loadavg_end'] = os.getloadavg()
@@ -171,12 +192,15 @@ def tables(r: dict) -> str:
         for name, v in r[case].items():
             out.append(f"| {what} | {name} | {v['bytes'] / 2**20:.2f} MiB | {v['accumulate']:.3f} s | "
                        f"{v['watched_extra']:+.3f} s | {v['combine']:.3f} s |")
-    out += ['', '| Learner | epoch without (median) | with a user metric (median) | ratio per round (median, range) |',
-            '|---|---|---|---|']
+    out += ['', '| Learner | epoch without (median) | with a user metric (median) | ratio per round (median, range) '
+            '| validation without / with (medians) | combination without / with (medians) | 1-min load after |',
+            '|---|---|---|---|---|---|---|']
     for key, what in (('digits', 'digits demo CNN, UserAccuracy, fit(3)'), ('tabular', '1M-row tabular, WorstAbsError, fit(1)')):
         v, med = r[key], statistics.median
-        out.append(f"| {what} | {med(v['without']):.2f} s | {med(v['with_']):.2f} s | {med(v['ratios']):.3f}x "
-                   f"({min(v['ratios']):.3f}-{max(v['ratios']):.3f}, {len(v['ratios'])} rounds) |")
+        out.append(f"| {what} | {med(v['without']):.3f} s | {med(v['with_']):.3f} s | {med(v['ratios']):.3f}x "
+                   f"({min(v['ratios']):.3f}-{max(v['ratios']):.3f}, {len(v['ratios'])} rounds) | "
+                   f"{med(v['valid_without']):.3f} s / {med(v['valid_with']):.3f} s | "
+                   f"{med(v['combine_without']) * 1e3:.1f} ms / {med(v['combine_with']) * 1e3:.1f} ms | {v['loadavg'][0]:.1f} |")
     return '\n'.join(out)
 
 if __name__ == '__main__':

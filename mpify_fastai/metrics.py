@@ -119,7 +119,7 @@ class MetricShare:
 
 def _added(values: list):
     """The sum of every rank's number, array, tensor or pandas object, in its own type and dtype (floating tensors summed
-    in float64; pandas objects label by label; booleans, numbers of numpy and torch too, stay booleans: any)."""
+    in float64, pandas objects label by label; a boolean, or an array or tensor of them, stays one: any of the ranks')."""
     first = values[0]
     if isinstance(first, (bool, np.bool_)): return type(first)(any(values))
     if _pandas(first): return functools.reduce(lambda a, b: a.add(b, fill_value=0), values)
