@@ -29,6 +29,7 @@ __all__ = ['FINAL_STATES', 'SlurmRun', 'SlurmRunInfo', 'SlurmTask', 'TaskFailure
 JOB, RESULT, EVENTS, INFO = 'job.pkl', 'result.pth', 'events.log', 'run.json'
 _POLL, _STATE_EVERY, _CANCEL_WAIT = 0.2, 2.0, 15.0
 _TERM_WAIT = 0.5   # seconds a failing rank waits for SLURM's SIGTERM: its DataLoader workers may have died of it first
+_REQUEUED = ('REQUEUED', 'REQUEUE_FED', 'REQUEUE_HOLD', 'PENDING')   # a job with a result in one of these was requeued
 FINAL_STATES = ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'BOOT_FAIL', 'DEADLINE')
 
 def _submitit():
@@ -171,6 +172,9 @@ class SlurmRun:
             raise
         finally: display.close()
         if not self._apply_result(): raise self._failure()
+        if self.state in _REQUEUED:
+            print(f"mpify_fastai: SLURM job {self.job_id} was requeued as it ended; its result is applied, and when SLURM "
+                  "starts it again it finds the result and exits without training", flush=True)
 
     def _apply_result(self) -> bool:
         import torch

@@ -219,10 +219,10 @@ def test_finished_job_requeued_never_trains_again(executor, slurm, capsys):
     assert rows(learn) == applied
 
 @pytest.mark.slow
-def test_job_requeued_in_its_last_seconds_finishes_and_never_trains_again(executor, slurm, tmp_path):
+def test_job_requeued_in_its_last_seconds_finishes_and_never_trains_again(executor, slurm, tmp_path, capsys):
     """The issue's case: `scontrol requeue` while the job ends (held after its last epoch, released at once), it outlives
-    the SIGTERM (submitit ignores it) and writes its result, which the caller applies; SLURM then starts it again: it finds
-    the result, trains and rewrites nothing, and the Learner keeps its 3 rows, the last = validate()."""
+    the SIGTERM (submitit ignores it) and writes its result, which the caller applies, saying the job was requeued; SLURM
+    then starts it again: it finds the result, trains and rewrites nothing; the Learner keeps its 3 rows, the last = validate()."""
     from mpify_fastai.job import RunFinished
     from mpify_fastai.progress import EventLog, RowLogged
     from recovery_helpers import StopAt
@@ -235,6 +235,9 @@ def test_job_requeued_in_its_last_seconds_finishes_and_never_trains_again(execut
     run.wait()
     applied, before = rows(learn), folder_files(run.folder)
     assert (run.folder / 'result.pth').stat().st_mtime - requeued < 5, "the result was not written inside the kill grace"
+    out = helpers.strip_ansi(capsys.readouterr().out)
+    assert f'SLURM job {run.job_id} was requeued as it ended; its result is applied, and when SLURM starts it again it ' \
+           'finds the result and exits without training' in out, out[-3000:]
     wait_for(lambda: slurm.run('squeue', '-h', '-j', run.job_id, '-o', '%T').strip() == 'PENDING', 30, "the job was not requeued")
     slurm.run('scontrol', 'update', f'jobid={run.job_id}', 'StartTime=now', check=False)
     wait_for(lambda: not slurm.jobs(), 120, "the requeued job did not end")
