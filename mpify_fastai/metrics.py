@@ -207,11 +207,13 @@ def _copied(v):
         t = v.detach()
         return _Packed(t.cpu().reshape(-1).view(torch.uint8).numpy().copy(), t.dtype, tuple(t.shape), type(t), dict(t.__dict__))
     if isinstance(v, (list, tuple)): return _rebuilt(v, [_copied(x) for x in v])
+    if isinstance(v, dict): return _rebuilt(v, {k: _copied(x) for k, x in v.items()})
     return v
 
 def _unpacked(v):
     if isinstance(v, _Packed): return v.tensor()
     if isinstance(v, (list, tuple)): return _rebuilt(v, [_unpacked(x) for x in v])
+    if isinstance(v, dict): return _rebuilt(v, {k: _unpacked(x) for k, x in v.items()})
     return v
 
 class _Live:
