@@ -4,10 +4,10 @@ rank, so every rank logs the values a local run would. Each metric goes one of t
 Proven (fastai's own classes, `PROVEN`, with their own reset, accumulate and value; no subclass or instance attribute
 overrides one): their accumulators combine, which ships what they keep (two numbers for an `AvgMetric`, the predictions
 for an `AccumMetric`). tests/test_exact_metrics.py's table of every `fastai.metrics` export proves this exact at 2-4
-ranks. How an accumulator combines is decided from what `reset()`
-leaves in it: a number, or a list, array or tensor with elements, adds up (in its own type and dtype); an empty list,
-tuple, deque, array, tensor or pandas object grows: every rank's entries are concatenated in the local run's batch
-order; a dict (Counter, OrderedDict, defaultdict: kept) combines key by key.
+ranks. How an accumulator combines is decided from what `reset()` leaves in it: a number, or a list, array or tensor
+with elements, adds up (in its own type and dtype); an empty list, tuple, deque, array, tensor or pandas object grows:
+every rank's entries are concatenated in the local run's batch order; a dict (Counter, OrderedDict, defaultdict: kept)
+combines key by key.
 
 Replayed (everything else: a user's metric, a subclass): a value that `reset()` sets to 0 may be a sum, a maximum or the
 last value seen, and nothing in the number says which; so no rule is guessed. While a batch is seen, the metric's
@@ -18,7 +18,9 @@ k-th batch is local batch `k * world + r`, as `sharding` cuts validation), each 
 batch's inputs, `training`, `epoch`, `n_epoch`, `iter` (its local position), `n_iter` and `to_detach`. Whatever the
 metric keeps (a maximum, the last batch, a set, a Counter, a DataFrame), its state is then a local run's, in its own
 types. It costs the bytes of what the metric reads (one number per batch for a loss-based metric, the predictions for
-one that reads them) and each rank replaying every batch: bench/RESULTS.md has the figures.
+one that reads them) and each rank replaying every batch: bench/RESULTS.md has the figures. Training metrics replay
+in step order (each rank's k-th batch, rank by rank): a DDP step's batches are not a local run's, so there only values
+that do not depend on how items are batched equal a local fit's.
 
 A metric that reads anything else while accumulating (learn.model, learn.dls, learn.loss_func, another callback), sets
 an attribute of the Learner, draws from a global random generator, or whose replay raises, cannot be made exact: every
