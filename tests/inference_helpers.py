@@ -6,7 +6,7 @@ import torch
 from fastai.callback.core import Callback
 from fastai.data.core import Datasets
 from fastai.data.transforms import Categorize
-from fasttransform import Transform
+from fastai.data.core import Transform   # fasttransform on fastai 2.8, fastcore on 2.7
 from fastai_helpers import digits_xy, mlp, sgd_learner
 
 class Mirror(Transform):
