@@ -94,7 +94,8 @@ def run_job(path: str | os.PathLike, result: str | os.PathLike, checkpoint: str 
         done, resumed = state[0]
         log = EventLog(events) if events and rank == 0 else None
         if done and rank == 0:
-            how = (f"{result} holds its result; nothing is trained or written" if done == 'result' else
+            how = (f"{result} holds its result; nothing is trained or written (to train it again, remove {result})"
+                   if done == 'result' else
                    f"its final checkpoint {checkpoint} becomes {result}; nothing is trained")
             print(f"mpify_fastai: this job already finished: {how}", flush=True)
             if log: log.append(RunFinished(attempt))

@@ -315,7 +315,8 @@ def test_restart_at_each_moment_resumes_from_the_last_completed_epoch(tmp_path, 
     assert epochs == ['0 0', '0 1', '0 2'][:3 if moment != 'first_epoch' else 1] + again, epochs
     assert sorted(os.listdir(tmp_path)) == sorted(['job.pkl', 'result.pth', 'epochs', 'attempts', 'torchrun-0.log']
                                                   + (['result-seen'] if moment == 'result' else []))
-    finished = 'this job already finished: result.pth holds its result; nothing is trained or written'
+    finished = ('this job already finished: result.pth holds its result; nothing is trained or written (to train it again, '
+                'remove result.pth)')
     if moment == 'result':
         st = result.stat()
         assert (tmp_path / 'result-seen').read_text() == f"{st.st_mtime_ns} {st.st_size}", "the result was rewritten"
