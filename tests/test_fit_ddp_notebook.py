@@ -2,7 +2,7 @@
 progress display drawn in the notebook.
 
 One notebook, executed once for this module (a kernel that imports fastai costs ~10 s, each fit_ddp 15-40 s):
-a vision DataBlock over PNG files in class folders with a lambda `get_y`, a tabular learner over a DataFrame, a
+a vision DataBlock over PNG files in class folders with a notebook function `get_y`, a tabular learner over a DataFrame, a
 collaborative-filtering learner over synthetic ratings, and a 3-epoch digits fit whose displayed table is checked.
 Each pipeline trains with `fit_ddp(2, nprocs=2)`, then reads its history, validates, predicts and exports in the
 notebook; a summary cell prints one `RESULT {json}` line the tests read.
@@ -50,8 +50,9 @@ img_dir = work/'digits_png'
 for i in range(480):
     folder = img_dir/str(d.target[i]); folder.mkdir(parents=True, exist_ok=True)
     Image.fromarray((d.images[i] * 255 / 16).astype('uint8')).save(folder/f'{i}.png')
+def label_of(p): return p.parent.name   # a notebook function (fastai 2.7's export pickles no lambda, even locally)
 dblock = DataBlock(blocks=(ImageBlock(cls=PILImageBW), CategoryBlock), get_items=get_image_files,
-                   splitter=RandomSplitter(0.25, seed=42), get_y=lambda p: p.parent.name)
+                   splitter=RandomSplitter(0.25, seed=42), get_y=label_of)
 vdls = dblock.dataloaders(img_dir, bs=32)
 torch.manual_seed(0)
 vmodel = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
@@ -159,7 +160,7 @@ def _check_pipeline(nb, name: str, n_metrics: int):
     return res
 
 def test_vision_datablock_from_png_folders(nb):
-    "DataBlock over PNG files with a lambda get_y: trains in DDP, validates, predicts and exports in the notebook."
+    "DataBlock over PNG files with a notebook function as get_y: trains in DDP, validates, predicts and exports in the notebook."
     out = helpers.cell_output(nb['vision_data'], 'stdout')
     assert out.split('\n')[0].strip() == "360 120 ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9']", out
     res = _check_pipeline(nb, 'vision', 1)
@@ -190,7 +191,7 @@ def test_progress_display_in_notebook(nb):
         assert [float(x) for x in row[1:4]] == pytest.approx(rec, abs=1e-6)
         assert re.fullmatch(r'\d\d:\d\d', row[4])
     html = [o['data']['text/html'] for o in cell['outputs'] if 'text/html' in o.get('data', {})]
-    assert sum('class="fastprogress"' in h for h in html) == 1, "the table must be drawn in one display, updated in place"
+    assert sum('<table' in h for h in html) == 1, "the table must be drawn in one display, updated in place"
     for name, c in nb.items():
         if name.startswith('_'): continue
         for o in c.get('outputs', []):
