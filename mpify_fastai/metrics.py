@@ -323,20 +323,29 @@ class MetricTracker:
     def combine(self, shares_by_rank: list[list], phase: dict | None = None) -> dict[int, str]:
         """Set each metric's state to the whole set's from every rank's `shares()` (in rank order, so every rank gets the
         same; `phase`: the Learner's `training`, `epoch`, `n_epoch` for a replay); returns, by position, why a metric
-        could not be made exact (those then take rank 0's state)."""
+        could not be made exact. Those take rank 0's state: a replay that raised, by replaying rank 0's batches alone
+        (no collective: a failure on one rank only cannot leave the others waiting); the others from rank 0
+        (`rank0_states`, what every rank decides alike from the shares)."""
         self.unwatch()
-        problems, phase = {}, phase or {}
+        problems, phase, self.rank0_states = {}, phase or {}, []
         for i, (m, kinds) in enumerate(zip(self.mets, self._known_kinds())):
             shares = [r[i] for r in shares_by_rank]
-            if i in self.inputs:
-                foreign = sorted(set().union(*(s.foreign for s in shares)))
-                why = f"it {', '.join(foreign)}" if foreign else _replay(m, [s.batches for s in shares], phase)
+            if i in self.inputs and (foreign := sorted(set().union(*(s.foreign for s in shares)))):
+                problems[i] = f"it {', '.join(foreign)}"
+                self.rank0_states.append(i)
+            elif i in self.inputs:
+                why = _replay(m, [s.batches for s in shares], phase)
+                if why and _replay(m, [shares[0].batches], phase): why += " (here each rank keeps its own shard's)"
                 if why: problems[i] = why
-            elif kinds == {}: problems[i] = "its reset() assigns nothing to add up across ranks"
+            elif kinds == {}:
+                problems[i] = "its reset() assigns nothing to add up across ranks"
+                self.rank0_states.append(i)
             elif kinds is not None:
                 try: whole = {k: combined(kind, [s.values[k] for s in shares], [s.marks.get(k) for s in shares])
                               for k, kind in kinds.items()}
-                except _Uncombinable as e: problems[i] = str(e)
+                except _Uncombinable as e:
+                    problems[i] = str(e)
+                    self.rank0_states.append(i)
                 else:
                     for k, v in whole.items(): setattr(m, k, v)
         return problems
@@ -368,8 +377,7 @@ class ExactMetrics(Callback):
         dist.all_gather_object(everyone, tracker.shares())
         phase = dict(training=self.training, epoch=getattr(self, 'epoch', 0), n_epoch=getattr(self, 'n_epoch', 1))
         problems = tracker.combine(everyone, phase)
-        if not problems: return
-        _take_rank0_state(tracker.mets, sorted(problems))
+        if tracker.rank0_states: _take_rank0_state(tracker.mets, tracker.rank0_states)
         warned = self.__dict__.setdefault('warned', set())
         for i, why in problems.items():
             m = tracker.mets[i]

@@ -4,7 +4,7 @@ Series and DataFrames, numpy and torch of several dtypes, nested containers, ord
 the inputs or the batch index; and metrics that cannot be made exact (they read the model, another callback, or draw
 random numbers). The workers import them from here by reference."""
 from __future__ import annotations
-import bisect
+import bisect, os
 from collections import Counter, OrderedDict, defaultdict, deque, namedtuple
 from functools import partial
 import numpy as np, pandas as pd
@@ -258,8 +258,17 @@ class DrawsRandom(Metric):
     def accumulate(self, learn): self.total += float(learn.loss) * float(torch.rand(()))
     value = property(lambda self: self.total)
 
-UNEXACT = {ReadsModel: 'reads learn.model', ReadsRecorder: 'reads learn.recorder',
-           DrawsRandom: 'draws from a global random generator'}
+class LateInputReader(Metric):
+    "Reads the inputs only once it has seen 120 items: no rank's shard gets there live, so the replay meets learn.xb unkept."
+    def reset(self): self.n, self.extra = 0, 0.
+    def accumulate(self, learn):
+        self.n += len(learn.y)
+        if self.n > 120: self.extra += float(learn.xb[0].mean())
+    value = property(lambda self: self.n + self.extra)
+
+UNEXACT = {ReadsModel: 'it reads learn.model', ReadsRecorder: 'it reads learn.recorder',
+           DrawsRandom: 'it draws from a global random generator',
+           LateInputReader: "replaying its accumulate raised _NotKept: learn.xb, which it did not read while the batch was seen"}
 
 def user_learner(metrics: list, n_valid: int = N_VALID, lr: float = 0.1) -> Learner:
     "A digits classifier (unshuffled validation of `n_valid` items, bs 16) with `metrics`."
@@ -267,3 +276,11 @@ def user_learner(metrics: list, n_valid: int = N_VALID, lr: float = 0.1) -> Lear
     dls = DataLoaders.from_dsets(train, valid, bs=BS, shuffle=False)
     return Learner(dls, _model('multiclass'), loss_func=CrossEntropyLossFlat(), opt_func=partial(SGD, mom=0.), wd=0.,
                    lr=lr, metrics=metrics)
+
+class ReplayFailsOnRank1(Metric):
+    "A sum whose replay raises on rank 1 only (it reads the RANK variable): a failure that one rank alone meets."
+    def reset(self): self.total = 0.
+    def accumulate(self, learn):
+        if os.environ.get('RANK') == '1' and type(learn).__name__ == '_Replayed': raise RuntimeError('rank 1 only')
+        self.total += float(learn.loss)
+    value = property(lambda self: self.total)
