@@ -1,10 +1,11 @@
 """Multi-node bridge: save the notebook's training as a job file, run it under torchrun, load the result back.
 
-`learn.save_ddp_job("job.pkl", 10, lr=1e-3, method="fine_tune")` writes a self-contained pickle (tensors by
-value, notebook code and what it references included); `torchrun ... -m mpify_fastai run job.pkl --result
-result.pth` trains it with the same `DistributedRunner` as `fit_ddp`; `learn.load_ddp_result("result.pth")`
-applies it. Rank 0 checkpoints every epoch, so a group restarted by torchrun resumes where it stopped; one restarted
-after the result was written finds it (the job's digest is in it) and trains nothing.
+`learn.save_ddp_job("job.pkl", 10, lr=1e-3, method="fine_tune")` writes the Learner as a pickle (tensors by value,
+notebook code and what it references included; files its data reads, such as images, stay paths that every node needs);
+`torchrun ... -m mpify_fastai run job.pkl --result result.pth` trains it with the same `DistributedRunner` as `fit_ddp`;
+`learn.load_ddp_result("result.pth")` applies it. Rank 0 checkpoints every epoch, so a group restarted by torchrun goes on
+from the epochs done (`fine_tune`: from the start); one restarted after the result was written finds it (the job's digest
+is in it) and trains nothing.
 A job file is a pickle: loading it runs code. Only run job files you made; the runner refuses one that
 others can write to.
 """
@@ -21,7 +22,7 @@ from .group import TorchDDPCtx, rank_world
 from .imports import run_imports
 from .jobfile import JobFileError, check_job_file, check_result_path, job_digest
 from .launch import LaunchOptions
-from .progress import EventLog, FitResumed, ProgressEvents
+from .progress import EventLog, FitResumed, ProgressEvents, epochs_done
 from .recovery import resumable_checkpoint, resume_callbacks
 from .serialize import dumps, loads
 from .state import apply_result
@@ -102,7 +103,9 @@ def run_job(path: str | os.PathLike, result: str | os.PathLike, checkpoint: str 
         if not done:
             learn, kwargs = worker_learner(job.source, job.kwargs, rank0_drops=DRAWN_BY_CALLER if events else ())
             if resumed is not None and rank == 0:
-                print(f"mpify_fastai: resuming from {checkpoint} after epoch {resumed['completed_epoch']}", flush=True)
+                k = resumed['completed_epoch'] + 1
+                print(f"mpify_fastai: resuming from {checkpoint} with {epochs_done(k, resumed['n_epoch'])}: training "
+                      f"from epoch {k}", flush=True)
             if log and (resumed is not None or attempt):   # a requeue before any epoch was checkpointed starts at 0
                 log.append(FitResumed(resumed['completed_epoch'] + 1 if resumed else 0, attempt))
             kwargs, cbs = resume_callbacks(learn, job.method, kwargs, checkpoint, resumed, job.history, job_digest=digest)

@@ -11,11 +11,17 @@ from fastai.callback.core import Callback
 from .worker import send_event
 
 __all__ = ['ProgressEvents', 'ProgressDisplay', 'EventLog', 'FitStarted', 'EpochStarted', 'BarStarted', 'BatchDone',
-           'RowLogged', 'FitEnded', 'FitResumed']
+           'RowLogged', 'FitEnded', 'FitResumed', 'epochs_done']
 
 _BATCH_EVERY = 0.2   # seconds between batch updates sent from the worker
 
 def _fmt(log) -> list[str]: return [f'{v:.6f}' if isinstance(v, float) else str(v) for v in log]
+
+def epochs_done(done: int, n: int | None = None) -> str:
+    """Every message's words for progress: a count, then the table's rows (fastai numbers epochs from 0), e.g.
+    '3 of 10 epochs done (epochs 0-2)'; `start_epoch=done` goes on from there."""
+    rows = '' if done == 0 else ' (epoch 0)' if done == 1 else f' (epochs 0-{done - 1})'
+    return f"{done}{f' of {n}' if n else ''} epoch{'' if done == 1 and not n else 's'} done{rows}"
 
 # ---------------------------------------------------------------- the events, rank 0 to the caller
 

@@ -14,6 +14,7 @@ from fastcore.foundation import L
 from .errors import LaunchError, WorkerDied, WorkerError
 from .files import atomic_write
 from .group import peer_failure, rank_world
+from .progress import epochs_done
 from .state import apply_result, learner_result, recorder_history
 
 __all__ = ['RESUMABLE', 'EpochCheckpoint', 'ResumedHistory', 'merged_history', 'resume_kwargs', 'resume_callbacks',
@@ -104,12 +105,14 @@ def last_checkpoint(path: str) -> dict | None:
 
 def stopped_at_checkpoint(learn: Learner, ck: dict | None, method: str, args: tuple) -> None:
     "After an interrupt: the Learner gets the last completed epoch's state, and one line says so and how to go on."
-    if ck is None: return print("mpify_fastai: stopped before the first epoch ended; the Learner is as it was", flush=True)
+    if ck is None: return print("mpify_fastai: stopped before epoch 0 ended; the Learner is as it was", flush=True)
     apply_result(learn, ck)
-    done, n = ck['completed_epoch'] + 1, ck['n_epoch']
-    how = (f"to go on: learn.ddp(...).{method}({', '.join(map(repr, args))}, ..., start_epoch={done})" if method in RESUMABLE
-           else f"{method} cannot skip epochs: run it again, or go on with learn.ddp(...).fit_one_cycle(...)")
-    print(f"mpify_fastai: stopped after epoch {done} of {n}; the Learner holds epoch {done}; {how}", flush=True)
+    done = ck['completed_epoch'] + 1
+    if method not in RESUMABLE:   # fine_tune: its two fits' epochs are not one count
+        return print(f"mpify_fastai: stopped during {method}; the Learner holds its last completed epoch; {method} cannot "
+                     "skip epochs: run it again, or go on with learn.ddp(...).fit_one_cycle(...)", flush=True)
+    print(f"mpify_fastai: stopped with {epochs_done(done, ck['n_epoch'])}; the Learner holds them; to go on: "
+          f"learn.ddp(...).{method}({', '.join(map(repr, args))}, ..., start_epoch={done})", flush=True)
 
 def keep_checkpoint(e: LaunchError, path: str) -> None:
     "A failed run's last completed epoch moves out of the call's folder into a file named in `e` (`e.checkpoint`)."
@@ -138,5 +141,5 @@ def with_restarts(attempt: Callable[[dict | None, int], dict], checkpoint: str, 
             restart += 1
             ck = last_checkpoint(checkpoint) if method in RESUMABLE else None
             epoch = ck['completed_epoch'] + 1 if ck else 0
-            say(f"mpify_fastai: {e.args[0].splitlines()[0]}; restarting from epoch {epoch} (restart {restart} of "
-                f"{max_restarts})", epoch)
+            say(f"mpify_fastai: {e.args[0].splitlines()[0]}; restart {restart} of {max_restarts}, with "
+                f"{epochs_done(epoch, ck and ck['n_epoch'])}: training from epoch {epoch}", epoch)

@@ -19,7 +19,7 @@ from .errors import ArgumentError, LaunchError, WorkerError, surfaces_errors, us
 from .files import atomic_write
 from .group import peer_failure
 from .job import RunFinished, run_job, save_job
-from .progress import EventLog, FitResumed, ProgressDisplay
+from .progress import EventLog, FitResumed, ProgressDisplay, epochs_done
 from .recovery import keep_checkpoint, last_checkpoint, stopped_at_checkpoint
 from .state import apply_result
 from .training import SHOW_GRAPH, DDPJob, is_callback_of
@@ -186,8 +186,8 @@ class SlurmRun:
     def _draw(self, log: EventLog, display: ProgressDisplay) -> None:
         for ev in log.read():
             if isinstance(ev, FitResumed):
-                display.restarting(f"mpify_fastai: SLURM job {self.job_id} was requeued (restart {ev.attempt}); going on "
-                                   f"from epoch {ev.epoch}", ev.epoch)
+                display.restarting(f"mpify_fastai: SLURM job {self.job_id} was requeued (restart {ev.attempt}), with "
+                                   f"{epochs_done(ev.epoch, display.n_epoch)}: training from epoch {ev.epoch}", ev.epoch)
             elif isinstance(ev, RunFinished):
                 display.restarting(f"mpify_fastai: SLURM job {self.job_id} was started again (restart {ev.attempt}) after "
                                    "it had written its result: it trained nothing and left the result as it was", 0)

@@ -1,6 +1,6 @@
-"""Training in a worker, shared by the notebook path (`fit_ddp`) and the torchrun path (`job`): which schedules run,
-which callbacks run on rank 0 only, how a worker prepares the Learner, the epoch checkpoint, and how a Learner's
-trained state moves between processes (`learner_result` in the worker, `apply_result` where it lands).
+"""Training in a worker, shared by the notebook path (`fit_ddp`), the torchrun path (`job`) and SLURM (`slurm`): the
+`DDPJob` record, which schedules run, which callbacks run on rank 0 only, how a worker prepares the Learner, and its DDP
+fit and `lr_find`. Epoch checkpoints and resuming live in `recovery`; a trained state's move between processes in `state`.
 """
 from __future__ import annotations
 import inspect, os

@@ -281,14 +281,16 @@ def _restart_run(tmp_path, n_epoch: int, kills: dict | None, max_restarts: int, 
 def test_restarted_group_resumes_from_checkpoint(tmp_path):
     "Rank 1 is SIGKILLed at the end of epoch 1 (once it is checkpointed); the restarted group trains epoch 2 only."
     out = _restart_run(tmp_path, 3, {0: 1}, max_restarts=1)
-    assert out.count('mpify_fastai: resuming from result.pth.ckpt after epoch 1') == 1, out[-8000:]
+    said = 'mpify_fastai: resuming from result.pth.ckpt with 2 of 3 epochs done (epochs 0-1): training from epoch 2'
+    assert out.count(said) == 1, out[-8000:]
     assert 'resuming' not in out.split('resuming from')[1], "resumed more than once"
 
 @pytest.mark.slow
 def test_second_restart_resumes_with_complete_history(tmp_path):
     "Two failures, in the first attempt and in the resumed one: the history still has every epoch once."
     out = _restart_run(tmp_path, 3, {0: 0, 1: 1}, max_restarts=2)
-    for e in (0, 1): assert out.count(f'resuming from result.pth.ckpt after epoch {e}') == 1, out[-8000:]
+    for e in ('1 of 3 epochs done (epoch 0): training from epoch 1', '2 of 3 epochs done (epochs 0-1): training from epoch 2'):
+        assert out.count(f'resuming from result.pth.ckpt with {e}') == 1, out[-8000:]
 
 @pytest.mark.slow
 def test_restart_between_the_final_checkpoint_and_the_result_writes_it_from_there(tmp_path):

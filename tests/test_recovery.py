@@ -43,7 +43,7 @@ def test_restart_at_each_moment_resumes_from_the_last_completed_epoch(tmp_path, 
     attempts = (tmp_path / 'attempts').read_text().split()
     if moment == 'result':
         assert attempts == ['0'] and 'after rank 0 had written the result: the run is finished, nothing restarts' in out.out + out.err
-    else: assert attempts == ['0', '1'] and 'restarting from epoch' in out.out + out.err
+    else: assert attempts == ['0', '1'] and 'restart 1 of 1, with ' in out.out + out.err
 
 def test_death_without_restarts_keeps_the_checkpoint(tmp_path):
     "Without restarts a death fails the call, the Learner stays as it was, and one call applies the last epoch's checkpoint."
@@ -113,7 +113,7 @@ def test_interrupt_keeps_progress_and_start_epoch_goes_on(tmp_path):
     stopped = json.loads(out.split('INTERRUPTED ')[1].splitlines()[0])
     assert stopped['t'] - sent < 10 and stopped['rows'] >= 3 and stopped['epoch'] == stopped['rows'] - 1
     done = stopped['rows']
-    assert f"stopped after epoch {done} of 8; the Learner holds epoch {done}" in out + err
+    assert f"stopped with {done} of 8 epochs done (epochs 0-{done - 1}); the Learner holds them" in out + err
     assert f"start_epoch={done})" in out + err
     resumed = json.loads(out.split('RESUMED ')[1].splitlines()[0])
     assert len(resumed['rows']) == 8 and all(len(r) == 3 for r in resumed['rows'])

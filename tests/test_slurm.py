@@ -276,7 +276,7 @@ def test_ctrl_c_cancels_the_job_and_keeps_finished_epochs(slurm, tmp_path):
     finally:
         if p.poll() is None: p.kill(); p.wait()
     out = helpers.strip_ansi(out)
-    done = int(re.search(r'stopped after epoch (\d+) of 8; the Learner holds epoch \1', out).group(1))
+    done = int(re.search(r'stopped with (\d+) of 8 epochs done \(epochs? 0(-\d+)?\); the Learner holds them', out).group(1))
     assert 1 <= done < 8 and f'ROWS {done}' in out and 'start_epoch=' in out, out
 
 @pytest.mark.slow
@@ -284,7 +284,7 @@ def test_ctrl_c_cancels_the_job_and_keeps_finished_epochs(slurm, tmp_path):
 def test_requeued_job_resumes_from_last_completed_epoch(executor, slurm, capsys, how):
     """Requeued mid-run, by `scontrol requeue` or by submitit's own checkpoint protocol (USR2, as before a time limit or
     a preemption): the job restarts from its last completed epoch, in the same table, and ends with every epoch's row."""
-    from mpify_fastai.progress import BarStarted, EventLog, FitResumed, RowLogged
+    from mpify_fastai.progress import BarStarted, EventLog, FitResumed, RowLogged, epochs_done
     learn = digits_learner()
     run = learn.ddp(executor=executor, wait=False).fit_one_cycle(4, LR, cbs=[SlowEpochs(2.0)])
     wait_for(lambda: checkpointed_epoch(run.folder) is not None, 180, "no epoch completed")
@@ -302,7 +302,7 @@ def test_requeued_job_resumes_from_last_completed_epoch(executor, slurm, capsys,
     trained = [int(e.cells[0]) for e in after if isinstance(e, RowLogged) and len(e.cells) > 2]
     assert trained == list(range(k, 4)), f"the requeued job trained epochs {trained}, not only those after epoch {k - 1}"
     assert sum(isinstance(e, BarStarted) for e in after) == 2 * (4 - k)   # a training and a validation pass each
-    assert f'was requeued (restart 1); going on from epoch {k}' in out, out
+    assert f'was requeued (restart 1), with {epochs_done(k, 4)}: training from epoch {k}' in out, out
     table = [int(l.split()[0]) for l in out.splitlines() if re.match(r'\s*\d+\s+\d+\.\d{6}', l)]
     assert table == [0, 1, 2, 3], out
     assert len(rows(learn)) == 4
@@ -313,7 +313,7 @@ def test_requeue_at_each_moment_resumes_from_the_last_completed_epoch(executor, 
     """`scontrol requeue` while rank 0 is held at `moment` of fit_one_cycle(3) (before the first epoch ends, in the last
     epoch, between the last epoch and the result): the requeued job goes on from the epoch after the last checkpointed one
     (0, 2, 3: it trains nothing), in the same table; every epoch trained once after it; 3 rows, the last = validate()."""
-    from mpify_fastai.progress import EventLog, FitResumed, RowLogged
+    from mpify_fastai.progress import EventLog, FitResumed, RowLogged, epochs_done
     from recovery_helpers import StopAt
     learn = digits_learner()
     run = learn.ddp(executor=executor, wait=False).fit_one_cycle(3, LR, cbs=[StopAt(str(tmp_path), moment, how='pause', rank=0)])
@@ -328,7 +328,7 @@ def test_requeue_at_each_moment_resumes_from_the_last_completed_epoch(executor, 
     assert trained == list(range(k, 3)), f"the requeued job trained epochs {trained}, not only those from epoch {k}"   # skipped epochs log short rows
     assert (tmp_path / 'epochs').read_text().splitlines() == [f'0 {e}' for e in range(min(k + 1, 3))] + [f'1 {e}' for e in range(k, 3)]
     out = helpers.strip_ansi(capsys.readouterr().out)
-    assert f'was requeued (restart 1); going on from epoch {k}' in out, out
+    assert f'was requeued (restart 1), with {epochs_done(k, 3)}: training from epoch {k}' in out, out
     assert [int(l.split()[0]) for l in out.splitlines() if re.match(r'\s*\d+\s+\d+\.\d{6}', l)] == [0, 1, 2], out
     got = rows(learn)
     with learn.no_bar(): val = [float(v) for v in learn.validate()]
