@@ -19,7 +19,7 @@ from .warm import prewarm as _prewarm
 
 _FASTAI = {'fit_ddp': 'learner', 'DDPMethods': 'learner', 'DistributedRunner': 'runner',
            'apply_result': 'state', 'learner_result': 'state',
-           'DDPJob': 'training', 'DDPOptions': 'training', 'FitOptions': 'learner', 'attach': 'slurm', 'SlurmRun': 'slurm'}
+           'DDPJob': 'training', 'DDPOptions': 'training', 'InexactMetricWarning': 'metrics', 'FitOptions': 'learner', 'attach': 'slurm', 'SlurmRun': 'slurm'}
 
 def __getattr__(name):
     "fastai parts load on first use, so `ranch`/`in_torchddp` users don't pay for importing fastai."
@@ -35,7 +35,7 @@ def __getattr__(name):
 __all__ = ['ranch', 'in_torchddp', 'TorchDDPCtx', 'LaunchOptions', 'GroupOptions', 'DDPOptions', 'FitOptions', 'DDPJob', 'rank_world', 'local_rank', 'local_device', 'is_rank0', 'send_event',
            'import_star', 'global_imports', 'fit_ddp', 'DDPMethods', 'DistributedRunner', 'apply_result', 'learner_result', 'attach', 'SlurmRun',
            'UsageError', 'ArgumentError', 'ArgumentTypeError', 'NeedError', 'LaunchError', 'WorkerError', 'WorkerDied', 'LaunchTimeout', 'MainGuardError', 'PayloadError', 'ImportsError',
-           'UnsupportedVersionError', 'show_install']
+           'UnsupportedVersionError', 'show_install', 'InexactMetricWarning']
 
 _add_learner_methods_with_fastai()
 # the warm launcher starts in the background as soon as this process has torch (now, or when it imports it): the

@@ -466,7 +466,7 @@ from fastai.learner import Learner
 from mpify_fastai.import_hooks import _ImportHook
 names = ('fit_ddp', 'ddp', 'save_ddp_job', 'load_ddp_result')
 mods = [getattr(getattr(Learner, n, None), '__module__', None) for n in names]
-print(mods, any(isinstance(f, _ImportHook) and f.package == 'fastai' for f in sys.meta_path))
+print(mods, any(isinstance(f, _ImportHook) and f.packages[0] == 'fastai' for f in sys.meta_path))
 """
 _METHODS_ADDED = "['mpify_fastai.learner', 'mpify_fastai.learner', 'mpify_fastai.job', 'mpify_fastai.job'] False"
 
@@ -474,7 +474,7 @@ def test_import_alone_imports_neither_fastai_nor_torch():
     "`import mpify_fastai` loads no fastai or torch module, and leaves its hook waiting on `sys.meta_path`."
     out = _python("import sys, mpify_fastai\nfrom mpify_fastai.import_hooks import _ImportHook\n"
                   "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fastai', 'torch')), "
-                  "sum(isinstance(f, _ImportHook) and f.package == 'fastai' for f in sys.meta_path))")
+                  "sum(isinstance(f, _ImportHook) and f.packages[0] == 'fastai' for f in sys.meta_path))")
     assert out == '[] 1'
 
 def test_import_mpify_then_fastai_adds_methods():
