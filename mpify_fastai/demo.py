@@ -13,7 +13,7 @@ def digits_dls(bs: int = 64, n_valid: int = 361):
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(X), generator=g)
     ds = [(X[i], y[i]) for i in order.tolist()]
-    return DataLoaders.from_dsets(ds[n_valid:], ds[:n_valid], bs=bs, shuffle=True)
+    return DataLoaders.from_dsets(ds[n_valid:], ds[:n_valid], bs=bs)   # fastai's defaults: shuffle the training set only
 
 def digits_cnn():
     from torch import nn
