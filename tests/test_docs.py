@@ -73,3 +73,23 @@ def test_quote_matching():
     assert matches('mpify_fastai: <why>; restart 1 of 2', 'mpify_fastai: rank 1 was killed; restart 1 of 2')
     assert not matches('mpify_fastai: <why>; restart 1 of 2', 'mpify_fastai: rank 1 was killed; restart 1 of 3')
     assert quoted_messages('a `mpify_fastai: stopped\n  with 3` b') == ['mpify_fastai: stopped with 3']
+
+def test_every_message_counts_epochs_one_way(capsys):
+    "A count of epochs done, then the rows it covers (numbered from 0), then where training goes on: start_epoch=count."
+    from mpify_fastai.progress import epochs_done
+    from mpify_fastai.recovery import stopped_at_checkpoint
+    from mpify_fastai.state import learner_result
+    assert [epochs_done(0), epochs_done(1, 4), epochs_done(2), epochs_done(3, 10)] == [
+        '0 epochs done', '1 of 4 epochs done (epoch 0)', '2 epochs done (epochs 0-1)', '3 of 10 epochs done (epochs 0-2)']
+    learn = _learner()
+    ck = {**learner_result(learn), 'completed_epoch': 0, 'n_epoch': 4}
+    capsys.readouterr()
+    stopped_at_checkpoint(learn, None, 'fit', (4,))
+    stopped_at_checkpoint(learn, ck, 'fit', (4, 1e-2))
+    stopped_at_checkpoint(learn, ck, 'fine_tune', (4,))   # its two fits count epochs apart: no count, no start_epoch
+    assert capsys.readouterr().out.splitlines() == [
+        "mpify_fastai: stopped before epoch 0 ended; the Learner is as it was",
+        "mpify_fastai: stopped with 1 of 4 epochs done (epoch 0); the Learner holds them; to go on: "
+        "learn.ddp(...).fit(4, 0.01, ..., start_epoch=1)",
+        "mpify_fastai: stopped during fine_tune; the Learner holds its last completed epoch; fine_tune cannot skip epochs: "
+        "run it again, or go on with learn.ddp(...).fit_one_cycle(...)"]
