@@ -33,7 +33,7 @@ __all__ = ['save_job', 'load_ddp_job', 'run_job', 'holds_result', 'RunFinished']
 JOB_VERSION = 2   # 2: the job is a `DDPJob` record
 
 def save_job(job: DDPJob, path: str | os.PathLike, need: str = '', imports: str = '') -> Path:
-    "Write `job` as a self-contained, portable job file (mode 0600), the `imports` it needs read first."
+    "Write `job` as a job file (mode 0600; data files it reads stay paths), the `imports` it needs read first."
     options = LaunchOptions(need=need, imports=imports)   # checks both
     head = pickle.dumps({'version': JOB_VERSION, 'imports': imports})   # read first: imports run before the job loads
     data = dumps(job, need=options.need_globals, mode='value').data
