@@ -20,7 +20,9 @@ metric keeps (a maximum, the last batch, a set, a Counter, a DataFrame), its sta
 types. It costs the bytes of what the metric reads (one number per batch for a loss-based metric, the predictions for
 one that reads them) and each rank replaying every batch: bench/RESULTS.md has the figures. Training metrics replay
 in step order (each rank's k-th batch, rank by rank): a DDP step's batches are not a local run's, so there only values
-that do not depend on how items are batched equal a local fit's.
+that do not depend on how items are batched equal a local fit's. Under `split_batches` the steps are the local run's
+batches: each step's parts are joined, in rank order, into the local batch (`loss`, already the local batch's, taken
+once), and a part with no item is seen by no metric (an `AvgMetric` sums its parts: exact for a mean over items).
 
 A metric that reads anything else while accumulating (learn.model, learn.dls, learn.loss_func, another callback), sets
 an attribute of the Learner, draws from a global random generator, or whose replay raises, cannot be made exact: every
@@ -234,14 +236,25 @@ class _Live:
         inputs.foreign.add(f'sets learn.{k}')
         setattr(learn, k, v)
 
-def _watched(accumulate, inputs: MetricInputs, seen: dict):
-    "`accumulate` (a bound method) that records what it reads of each batch into `inputs`."
+class _Seen(dict):
+    "The batch inputs read in the live batch (one copy, shared by every metric); `empty`: this rank's part of it has no item."
+    empty = False
+
+def _watched(accumulate, inputs: MetricInputs, seen: _Seen):
+    "`accumulate` (a bound method) that records what it reads of each batch into `inputs` (None for a part with no item, not run)."
     def watched(learn):
+        if seen.empty: return inputs.batches.append(None)
         kept, marks = {}, _rng_marks()
         accumulate(_Live(learn, kept, seen, inputs))
         if _rng_marks() != marks: inputs.foreign.add('draws from a global random generator')
         inputs.batches.append(kept)
     return watched
+
+def _skipping(accumulate, seen: _Seen):
+    "`accumulate` (a bound method) that does not run on a part with no item."
+    def skipping(learn):
+        if not seen.empty: accumulate(learn)
+    return skipping
 
 class _NotKept(AttributeError): pass
 
@@ -257,9 +270,36 @@ def _local_order(per_rank: list[list]) -> list:
     "Every rank's batches in the local run's order: rank r's k-th is local batch `k * world + r`."
     return [r[k] for k in range(max(map(len, per_rank), default=0)) for r in per_rank if k < len(r)]
 
-def _replay(m, per_rank: list[list[dict]], phase: dict) -> str | None:
-    "Reset `m` and run its `accumulate` over every rank's batches in local order; None, or why not (`m` then keeps its state)."
-    live, batches = dict(m.__dict__), _local_order(per_rank)
+_ITEMS = ('pred', 'yb', 'xb', 'y', 'x')   # batch inputs with one row per item
+
+def _joined(parts: list):
+    "One batch input's parts, in rank order, as one: tensors along their first axis; tuples, lists and dicts entry by entry."
+    first = parts[0]
+    if isinstance(first, _Packed):
+        ts = [p.tensor() for p in parts]
+        return torch.cat(ts) if first.shape else ts[0]
+    if isinstance(first, dict): return _rebuilt(first, {k: _joined([p[k] for p in parts]) for k in first})
+    if isinstance(first, (list, tuple)): return _rebuilt(first, [_joined(list(xs)) for xs in zip(*parts)])
+    return first
+
+def _merged(step: list[dict]) -> dict:
+    """The ranks' kept parts of one local batch (`split_batches`, rank order; None: a part with no item) as the local
+    batch's: the items' inputs joined (kept where every part kept them); `loss`, already the local batch's, taken once;
+    `loss_grad`, each part's weighted by its share times the world, as their mean."""
+    filled = [p for p in step if p is not None]
+    out = {k: _joined([p[k] for p in filled]) for k in _ITEMS if all(k in p for p in filled)}
+    if any('loss' in p for p in filled): out['loss'] = next(p['loss'] for p in filled if 'loss' in p)
+    if all('loss_grad' in p for p in filled): out['loss_grad'] = sum(_unpacked(p['loss_grad']) for p in filled) / len(step)
+    return out
+
+def _local_steps(per_rank: list[list[dict]]) -> list[dict]:
+    "Every rank's parts of each local batch (`split_batches`: rank r's k-th batch is its part of local batch k), joined."
+    return [_merged([r[k] for r in per_rank if k < len(r)]) for k in range(max(map(len, per_rank), default=0))]
+
+def _replay(m, per_rank: list[list[dict]], phase: dict, parts: bool = False) -> str | None:
+    """Reset `m` and run its `accumulate` over every rank's batches in local order (`parts`: each step's ranks' parts
+    joined into the local batch); None, or why not (`m` then keeps its state)."""
+    live, batches = dict(m.__dict__), _local_steps(per_rank) if parts else _local_order(per_rank)
     try:
         m.reset()
         for i, kept in enumerate(batches): m.accumulate(_Replayed(kept, dict(phase, iter=i, n_iter=len(batches))))
@@ -286,24 +326,31 @@ def _take_rank0_state(mets: list, which: list[int]) -> None:
 class MetricTracker:
     """One rank's metrics through one phase (training or validation): the proven ones' accumulators (what `reset()` left,
     where each batch begins in those that grow), the others' inputs as `accumulate` reads them; at the end, every rank's
-    shares combined into each metric."""
-    def __init__(self, mets: list):
-        self.mets, self.kinds, self.marks, self.seen = list(mets), None, [], {}
-        self.inputs = {i: MetricInputs() for i, m in enumerate(self.mets) if not proven(m) and not isinstance(m, AvgSmoothLoss)}
-        self.own = {i: self.mets[i].__dict__.get('accumulate') for i in self.inputs}
+    shares combined into each metric; `parts`: its batches are the ranks' parts of the local batches (`split_batches`
+    training), which a replay joins."""
+    def __init__(self, mets: list, parts: bool = False):
+        self.mets, self.parts, self.kinds, self.marks, self.seen = list(mets), parts, None, [], _Seen()
+        self.proven = [proven(m) for m in self.mets]
+        self.inputs = {i: MetricInputs() for i, m in enumerate(self.mets) if not self.proven[i] and not isinstance(m, AvgSmoothLoss)}
+        # a part with no item: proven metrics skip it too (an AvgMetric's mean of no item is nan, even weighted by 0)
+        skip = [i for i, p in enumerate(self.proven) if p and parts]
+        self.own = {i: self.mets[i].__dict__.get('accumulate') for i in [*self.inputs, *skip]}
         for i, rec in self.inputs.items():
             try: self.mets[i].accumulate = _watched(self.mets[i].accumulate, rec, self.seen)
             except (AttributeError, TypeError): rec.foreign.add('cannot be watched (its accumulate cannot be wrapped)')
+        for i in skip: self.mets[i].accumulate = _skipping(self.mets[i].accumulate, self.seen)
 
     def _known_kinds(self) -> list[dict[str, Kind] | None]:
         "Each proven metric's accumulator kinds, read once, right after the Recorder's reset (None for the others)."
         if self.kinds is None:
-            self.kinds = [accumulator_kinds(m) if proven(m) else None for m in self.mets]
+            self.kinds = [accumulator_kinds(m) if p else None for m, p in zip(self.mets, self.proven)]
         return self.kinds
 
-    def batch_begins(self) -> None:
-        "Note the length of each growing accumulator before this batch's `accumulate`; a new batch's inputs."
+    def batch_begins(self, empty: bool = False) -> None:
+        """Note the length of each growing accumulator before this batch's `accumulate`; a new batch's inputs (`empty`: this
+        rank's part of a split batch has no item, which no replayed metric sees)."""
         self.seen.clear()
+        self.seen.empty = empty
         self.marks.append([{k: _length(getattr(m, k, None)) for k, kind in kinds.items() if kind == GROW}
                            if kinds is not None else {} for m, kinds in zip(self.mets, self._known_kinds())])
 
@@ -334,7 +381,7 @@ class MetricTracker:
                 problems[i] = f"it {', '.join(foreign)}"
                 self.rank0_states.append(i)
             elif i in self.inputs:
-                why = _replay(m, [s.batches for s in shares], phase)
+                why = _replay(m, [s.batches for s in shares], phase, self.parts)
                 if why and _replay(m, [shares[0].batches], phase): why += " (here each rank keeps its own shard's)"
                 if why: problems[i] = why
             elif kinds == {}:
@@ -359,15 +406,21 @@ class ExactMetrics(Callback):
     """Every rank's validation metrics (and training metrics, with the Recorder's `train_metrics=True`) become the whole
     set's before the Recorder reads them; one that cannot be made exact takes rank 0's value, with one warning per fit."""
     order = 11   # before the Recorder (50), which resets the metrics at the start of a phase and reads them at its end
+    split = None   # a `BatchSplit` where the training batches are parts of the local batches (the runner's `split_batches`)
     def before_fit(self): self.warned = set()
     def before_train(self):
         on = getattr(self.recorder, 'train_metrics', False) and _ranks() > 1
-        self.tracker = MetricTracker(train_metrics(self.recorder)) if on else None
+        self.tracker = MetricTracker(train_metrics(self.recorder), parts=self.split is not None) if on else None
     def before_validate(self): self.tracker = MetricTracker(valid_metrics(self.recorder)) if _ranks() > 1 else None
     def before_batch(self):
-        if getattr(self, 'tracker', None) is not None: self.tracker.batch_begins()
+        if getattr(self, 'tracker', None) is not None:
+            self.tracker.batch_begins(empty=self.tracker.parts and not self.split[self.iter][0])
     def after_train(self): self._combine()
     def after_validate(self): self._combine()
+    def after_cancel_fit(self):
+        "A fit cancelled inside a phase (`lr_find` stops in a batch): the metrics get their own `accumulate` back."
+        if getattr(self, 'tracker', None) is not None: self.tracker.unwatch()
+        self.tracker = None
 
     def _combine(self):
         tracker, self.tracker = getattr(self, 'tracker', None), None

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.training import GradientAccumulation
 from fastai.data.core import DataLoaders, TfmdDL
-from fastai.learner import Learner
+from fastai.learner import Learner, Metric
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import SGD, Adam
@@ -129,3 +129,70 @@ def seeded_learner(folder: str) -> Learner:
     train, valid = fh.digits_dsets(64, 32)
     dls = DataLoaders(TfmdDL(train, bs=16, shuffle=True, after_item=Jitter()), TfmdDL(valid, bs=16))
     return Learner(dls, DropoutMLP(), loss_func=CrossEntropyLossFlat(), cbs=RecordDraws(folder))
+
+# ---------------------------------------------------------------- users' training metrics, replayed on the local batches
+
+class BatchCount(Metric):
+    "How many batches `accumulate` saw."
+    def reset(self): self.n = 0
+    def accumulate(self, learn): self.n += 1
+    value = property(lambda self: float(self.n))
+
+class MeanBatchAccuracy(Metric):
+    "The mean of the per-batch accuracies (each batch counts once, whatever its size)."
+    def reset(self): self.accs = []
+    def accumulate(self, learn): self.accs.append(float((learn.pred.argmax(-1) == learn.y).float().mean()))
+    value = property(lambda self: sum(self.accs) / len(self.accs))
+
+class BatchLosses(Metric):
+    "A per-batch list of losses, read with their positions: one entry per step, in order."
+    def reset(self): self.losses = []
+    def accumulate(self, learn): self.losses.append(float(learn.loss))
+    value = property(lambda self: sum((i + 1) ** 1.5 * l for i, l in enumerate(self.losses)))
+
+class SumLossGrad(Metric):
+    "Reads `learn.loss_grad` (each rank's weighted by its share of the batch times the world under `split_batches`)."
+    def reset(self): self.total = 0.
+    def accumulate(self, learn): self.total += float(learn.loss_grad)
+    value = property(lambda self: self.total)
+
+class StopInBatch(Callback):
+    "Cancels the fit after its third training batch, as `lr_find` does after `num_it` batches."
+    def after_batch(self):
+        if self.training and self.iter == 2: raise CancelFitException()
+
+# 67 items at bs 13 (no multiple of 2 or 3): 5 batches of 13 and one of 2, so at 3 processes a rank has no item of it
+USER_TRAIN = (67, 13)
+
+def user_train_learner() -> Learner:
+    "A deterministic digits MLP (plain SGD) with every shape of user metric, a few per-batch ones and fastai's, also in training."
+    import user_metric_helpers as um
+    from fastai.metrics import F1Score
+    n_train, bs = USER_TRAIN
+    train, valid = fh.digits_dsets(n_train, 50)
+    dls = DataLoaders(TfmdDL(train, bs=bs), TfmdDL(valid, bs=12))
+    table = [m for m in um.EXACT if m is not um.GrownArray]   # its np.append of a tensor that requires grad fails in training
+    mets = [m() for m in table] + [BatchCount(), MeanBatchAccuracy(), BatchLosses(), SumLossGrad(), accuracy, F1Score(average='macro')]
+    learn = Learner(dls, fh.mlp(3), loss_func=CrossEntropyLossFlat(), opt_func=partial(SGD, mom=0.), lr=0.2, wd=0., metrics=mets)
+    learn.recorder.train_metrics = True
+    return learn
+
+def user_train_fit(split: bool) -> tuple[list, list[str], list[str]] | None:
+    """Two epochs of `user_train_learner`, locally (`split` False) or in an `in_torchddp` rank as `split_batches=True`,
+    then a fit cancelled inside a batch (as `lr_find` stops); rank 0's rows, inexact-metric warnings, metrics left wrapped."""
+    import warnings
+    from mpify_fastai.group import rank_world
+    from mpify_fastai.metrics import InexactMetricWarning
+    from mpify_fastai.training import DDPOptions, fit_distributed
+    learn = user_train_learner()
+    def run(epochs: int, cbs=()):
+        if split: fit_distributed(learn, 'fit', (epochs,), {'cbs': cbs}, DDPOptions(split_batches=True))
+        else: learn.fit(epochs, cbs=cbs)
+    with warnings.catch_warnings(record=True) as caught, learn.no_bar(), learn.no_logging():
+        warnings.simplefilter('always')
+        run(2)
+        rows = [[float(v) for v in row] for row in learn.recorder.values]
+        run(1, [StopInBatch()])
+    inexact = [str(w.message) for w in caught if issubclass(w.category, InexactMetricWarning)]
+    wrapped = [m.name for m in learn.metrics if 'accumulate' in m.__dict__]
+    return (rows, inexact, wrapped) if rank_world()[0] == 0 else None
