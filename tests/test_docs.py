@@ -93,3 +93,8 @@ def test_every_message_counts_epochs_one_way(capsys):
         "learn.ddp(...).fit(4, 0.01, ..., start_epoch=1)",
         "mpify_fastai: stopped during fine_tune; the Learner holds its last completed epoch; fine_tune cannot skip epochs: "
         "run it again, or go on with learn.ddp(...).fit_one_cycle(...)"]
+
+def test_readme_lines_fit_a_screen():
+    "The README reads on GitHub and in a terminal without sideways scrolling."
+    long = [f"{i}: {l[:60]}..." for i, l in enumerate(README.splitlines(), 1) if len(l) > 120]
+    assert not long, "README lines over 120 characters:\n" + '\n'.join(long)
