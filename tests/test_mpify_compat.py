@@ -1,5 +1,6 @@
 """mpify's calls work here, or fail with a message that says what to write: `ctx=`, `gather=True/False`, `caller_rank`,
 `in_torchddp`'s `world_size`/`base_rank`, `global_imports`, and mpify's own fastai example ported (in a real kernel)."""
+import json
 import pytest
 import helpers
 from compat_helpers import TeardownProbe, group_facts
@@ -99,12 +100,11 @@ def test_notebook_contexts_in_a_real_kernel():
     assert exit_[0]['ename'] == 'WorkerError' and "raised KeyError: 'cleanup failed'" in out[7] and '__exit__' in out[7]
 
 def _ported_blocks() -> list[str]:
-    "The README's ported mpify example: the two code blocks after mpify's own in 'Coming from mpify'."
+    "The ported mpify example in 01_ranch's 'Coming from mpify': its two code blocks."
     import re
-    readme = (helpers.REPO / 'README.md').read_text()
-    section = readme[readme.index('## Coming from mpify'):]
-    section = section[:section.index('\n## ', 3)]
-    return re.findall(r'```python\n(.*?)```', section, re.S)[1:3]
+    cells = [''.join(c['source']) for c in json.loads((helpers.REPO / 'nbs' / '01_ranch.ipynb').read_text())['cells']]
+    section, = [c for c in cells if c.startswith('## Coming from mpify')]
+    return re.findall(r'```python\n(.*?)```', section, re.S)[:2]
 
 # the README's example at a size this CPU trains in seconds: no download, no pretrained weights
 _SMALL = {"untar_data(URLs.PETS)/'images'": 'Path(IMAGES)', 'resnet34': 'resnet18', 'Resize(224)': 'Resize(32)',
@@ -122,7 +122,7 @@ for i, (img, y) in enumerate(zip(d.images[:160], d.target[:160])):   # pets-styl
 '''
 
 def test_ported_mpify_example_runs_in_a_real_kernel():
-    "The README's port of mpify's `train_cnn` example runs as written (smaller), with in_torchddp and as fit_ddp, on gloo."
+    "01_ranch's port of mpify's `train_cnn` example runs as written (smaller), with in_torchddp and as fit_ddp, on gloo."
     blocks = _ported_blocks()
     for old, new in _SMALL.items():
         assert any(old in b for b in blocks), f"the README example no longer contains {old!r}"
