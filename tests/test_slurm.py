@@ -182,11 +182,19 @@ def test_attach_to_a_folder_without_runs_says_so(tmp_path):
     from mpify_fastai import ArgumentError, attach
     with pytest.raises(ArgumentError, match='holds no mpify_fastai SLURM run'): attach(tmp_path, digits_learner())
 
-def requeue(slurm, job_id: str):
-    "`scontrol requeue` the job and start it again at once (not after SLURM's BeginTime hold)."
-    slurm.run('scontrol', 'requeue', job_id)
+def start_again(slurm, job_id: str):
+    """Start a requeued job without waiting out SLURM's BeginTime hold, once what the hold guards against is past: its nodes
+    idle (each slurmd has revoked the old run's credential), then a second more. A credential made in the second of the
+    revocation counts as revoked (whole seconds): that start would be killed ("Job credential revoked") and never run."""
     wait_for(lambda: slurm.run('squeue', '-h', '-j', job_id, '-o', '%T').strip() == 'PENDING', 30, "the job was not requeued")
+    wait_for(lambda: set(slurm.run('sinfo', '-h', '-o', '%T').split()) == {'idle'}, 30, "the requeued job's nodes stayed busy")
+    time.sleep(1.1)
     slurm.run('scontrol', 'update', f'jobid={job_id}', 'StartTime=now', check=False)
+
+def requeue(slurm, job_id: str):
+    "`scontrol requeue` the job and start it again without waiting out SLURM's BeginTime hold."
+    slurm.run('scontrol', 'requeue', job_id)
+    start_again(slurm, job_id)
 
 def folder_files(folder: Path) -> dict:
     "Every file of a run folder but its event log: name -> (bytes, mtime)."
@@ -209,7 +217,8 @@ def test_finished_job_requeued_never_trains_again(executor, slurm, capsys):
     requeue(slurm, run.job_id)
     wait_for(lambda: not slurm.jobs(), 120, "the requeued job did not end")
     again = log.read()
-    assert again == [RunFinished(1)], f"the requeued job logged {again}"
+    assert again == [RunFinished(1)], \
+        f"the requeued job logged {again} (sacct: {slurm.run('sacct', '-n', '-X', '-P', '-j', run.job_id, '-o', 'State,ExitCode')})"
     assert not any(isinstance(e, (FitStarted, RowLogged)) for e in again)
     assert folder_files(run.folder) == before, "the finished run's folder was rewritten"
     capsys.readouterr()
@@ -238,8 +247,7 @@ def test_job_requeued_in_its_last_seconds_finishes_and_never_trains_again(execut
     out = helpers.strip_ansi(capsys.readouterr().out)
     assert f'SLURM job {run.job_id} was requeued as it ended; its result is applied, and when SLURM starts it again it ' \
            'finds the result and exits without training' in out, out[-3000:]
-    wait_for(lambda: slurm.run('squeue', '-h', '-j', run.job_id, '-o', '%T').strip() == 'PENDING', 30, "the job was not requeued")
-    slurm.run('scontrol', 'update', f'jobid={run.job_id}', 'StartTime=now', check=False)
+    start_again(slurm, run.job_id)
     wait_for(lambda: not slurm.jobs(), 120, "the requeued job did not end")
     events = EventLog(run.folder / 'events.log').read()
     assert events[-1] == RunFinished(1) and sum(isinstance(e, RowLogged) for e in events) == 3, events
@@ -290,8 +298,7 @@ def test_requeued_job_resumes_from_last_completed_epoch(executor, slurm, capsys,
     wait_for(lambda: checkpointed_epoch(run.folder) is not None, 180, "no epoch completed")
     if how == 'scontrol': slurm.run('scontrol', 'requeue', run.job_id)
     else: slurm.run('scancel', '--signal=USR2', run.job_id)   # rank 0's submitit handler calls checkpoint() and requeues
-    wait_for(lambda: slurm.run('squeue', '-h', '-j', run.job_id, '-o', '%T').strip() == 'PENDING', 30, "the job was not requeued")
-    wait_for(lambda: slurm.run('scontrol', 'update', f'jobid={run.job_id}', 'StartTime=now', check=False) is not None, 5, "")
+    start_again(slurm, run.job_id)
     run.wait()
     out = helpers.strip_ansi(capsys.readouterr().out)
     events = EventLog(run.folder / 'events.log').read()
